@@ -1,0 +1,248 @@
+"""The Kafka gateway: commands in, outbox out, participants' replies into the inbox.
+
+A detached Ray actor named ``essential:gateway`` (namespace from the settings)
+runs, on one event loop and one producer:
+
+* the command consumer (:mod:`actors.command_handler`): start/abort/commit
+  commands applied through the supervisor, bad ones dead-lettered;
+* the reply consumer (:mod:`actors.reply_handler`): participants' replies
+  stored in the ``inbox``;
+* two relays (:mod:`actors.outbox_relay`): lifecycle events from ``outbox`` and
+  participant commands from ``command_outbox``;
+* housekeeping: topics recreated when they vanish (the dev broker keeps them in
+  memory only), sent rows and old command-log entries pruned.
+
+It starts its work in ``__init__``, so a gateway that Ray restarts after a crash
+(``max_restarts=-1``) resumes on its own.  Several gateways (distinct names)
+may run: they share the command partitions through one consumer group, and the
+relays split the outbox through leased claims.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+import ray
+from aiokafka import AIOKafkaProducer
+from pymongo.asynchronous.database import AsyncDatabase
+
+from persistence import command_outbox, inbox
+from persistence.connection import shared_client
+from persistence.inbox import CommandLog
+from persistence.outbox import OutboxQueue, utcnow
+
+from .command_handler import CommandHandler
+from .embedded_kafka import ensure_topics
+from .kafka_config import admin_kwargs, gateway_topics, producer_kwargs
+from .kafka_consumer import ConsumerLoop, backoff
+from .outbox_relay import Relay
+from .reply_handler import ReplyHandler
+from .runtime import settings_from
+from .settings import Settings
+
+log = logging.getLogger("essential.gateway")
+
+GATEWAY_NAME = "essential:gateway"
+HOUSEKEEPING_INTERVAL = 5.0  # seconds between topic checks
+PRUNE_EVERY = 120  # housekeeping rounds between prunes (about ten minutes)
+
+
+class GatewayService:
+    """Everything the gateway does, without Ray (the benchmark runs the relay part alone)."""
+
+    def __init__(self, settings: Settings, owner: str, *, consumers: bool = True) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.with_consumers = consumers
+        self.ready = asyncio.Event()
+        self.producer: AIOKafkaProducer | None = None
+        self.db: AsyncDatabase | None = None
+        self.relays: dict[str, Relay] = {}
+        self.commands: CommandHandler | None = None
+        self.replies: ReplyHandler | None = None
+        self.loops: list[ConsumerLoop] = []
+        self.topic_errors = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start (waiting for MongoDB and Kafka as long as it takes), then work until cancelled."""
+        try:
+            await self._start()
+            tasks = [asyncio.create_task(relay.run(), name=f"relay:{n}") for n, relay in self.relays.items()]
+            tasks += [asyncio.create_task(loop.run(), name=loop.name) for loop in self.loops]
+            tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+            self.ready.set()
+            log.info("gateway %s ready (bootstrap %s)", self.owner, self.settings.kafka_bootstrap)
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            if self.producer is not None:
+                await self.producer.stop()
+
+    async def _start(self) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.db = shared_client(self.settings.mongodb_uri)[self.settings.database]
+                await self._prepare_database(self.db)
+                await self._ensure_topics()
+                self.producer = await self._start_producer()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - not up yet: wait for it
+                log.warning("gateway %s: start-up attempt %d failed (%s: %s); retrying", self.owner, attempt,
+                            type(exc).__name__, exc)  # fmt: skip
+                await asyncio.sleep(backoff(attempt, base=0.2))
+        self._build(self.db, self.producer)
+
+    async def _prepare_database(self, db: AsyncDatabase) -> None:
+        events = OutboxQueue(db["outbox"], self.owner)
+        commands = OutboxQueue(db[command_outbox.COLLECTION], self.owner)
+        for queue in (events, commands):
+            await queue.ensure_indexes()
+            released = await queue.release_all()  # claims of this gateway's previous life
+            if released:
+                log.info("gateway %s: took back %d claimed rows of %s", self.owner, released,
+                         queue.collection.name)  # fmt: skip
+        await command_outbox.ensure_indexes(db)
+        await inbox.ensure_indexes(db)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**producer_kwargs(self.settings))
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    def _build(self, db: AsyncDatabase, producer: AIOKafkaProducer) -> None:
+        conf = self.settings
+        relay = {"batch_size": conf.relay_batch_size, "lease": conf.relay_claim_seconds,
+                 "poll_interval": conf.relay_poll_interval}  # fmt: skip
+        self.relays = {
+            "events": Relay(OutboxQueue(db["outbox"], self.owner), producer, name="events", **relay),
+            "commands": Relay(
+                OutboxQueue(db[command_outbox.COLLECTION], self.owner), producer, name="commands", **relay
+            ),
+        }
+        if not self.with_consumers:
+            return
+        self.commands = CommandHandler(conf, self.owner, producer, CommandLog(db))
+        self.replies = ReplyHandler(conf, self.owner, producer, db)
+        self.loops = [
+            ConsumerLoop(conf, topic=conf.kafka_command_topic, group=conf.kafka_consumer_group,
+                         handler=self.commands.handle, on_poison=self.commands.poison, name="commands"),
+            ConsumerLoop(conf, topic=conf.kafka_reply_topic, group=f"{conf.kafka_consumer_group}.replies",
+                         handler=self.replies.handle, on_poison=self.replies.poison, name="replies"),
+        ]  # fmt: skip
+
+    # -- housekeeping ------------------------------------------------------------------------
+    async def _ensure_topics(self) -> None:
+        if self.settings.kafka_create_topics:
+            await ensure_topics(
+                self.settings.kafka_bootstrap,
+                gateway_topics(self.settings),
+                partitions=self.settings.kafka_partitions,
+                timeout=self.settings.kafka_request_timeout,
+                **admin_kwargs(self.settings),
+            )
+
+    async def _housekeeping(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            rounds += 1
+            try:
+                await self._ensure_topics()
+            except Exception as exc:  # noqa: BLE001 - Kafka away: the relays report it too
+                self.topic_errors += 1
+                log.debug("gateway %s: topic check failed: %s", self.owner, exc)
+            if rounds % PRUNE_EVERY == 0:
+                try:
+                    await self._prune()
+                except Exception:  # noqa: BLE001 - pruning is best effort
+                    log.exception("gateway %s: pruning failed", self.owner)
+
+    async def _prune(self) -> None:
+        assert self.db is not None
+        older = utcnow() - timedelta(seconds=self.settings.retention)
+        for relay in self.relays.values():
+            await relay.queue.prune_sent(older)
+        await CommandLog(self.db).prune(older)
+
+    # -- observation -------------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        relays: dict[str, Any] = {}
+        for name, relay in self.relays.items():
+            try:
+                pending: int | None = await relay.queue.pending()
+            except Exception:  # noqa: BLE001 - stats must answer while MongoDB is away
+                pending = None
+            relays[name] = {**relay.counts, "pending": pending, "last_error": relay.last_error}
+        return {
+            "owner": self.owner,
+            "pid": os.getpid(),
+            "ready": self.ready.is_set(),
+            "relay": relays,
+            "commands": dict(self.commands.counts) if self.commands else {},
+            "replies": dict(self.replies.counts) if self.replies else {},
+            "consumers": {loop.name: {"restarts": loop.restarts, "retries": loop.retries} for loop in self.loops},
+            "topic_errors": self.topic_errors,
+        }
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class Gateway:
+    def __init__(self, settings: dict[str, Any], name: str = GATEWAY_NAME) -> None:
+        self.name = name
+        resolved = settings_from(settings)
+        self.service = GatewayService(resolved, owner=f"{resolved.namespace}/{name}")
+        self._task = asyncio.get_running_loop().create_task(self.service.run())
+
+    def __repr__(self) -> str:
+        return f"Gateway({self.name})"
+
+    async def ready(self, timeout: float = 60.0) -> bool:
+        """True once topics, producer and consumers are up (False if ``timeout`` passes first)."""
+        try:
+            await asyncio.wait_for(self.service.ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.service.stats()
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def stop(self) -> None:
+        """Finish cleanly (leave the consumer group, close the producer) and leave the cluster."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        ray.actor.exit_actor()
+
+
+def ensure_gateway(settings: Settings, *, name: str = GATEWAY_NAME) -> Any:
+    """The named gateway actor, created if missing (idempotent; call it from any Ray driver or actor).
+
+    Blocking (a GCS round trip): from async code call it via ``asyncio.to_thread``.
+    """
+    return Gateway.options(
+        name=name,
+        namespace=settings.namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+    ).remote(settings.model_dump(mode="json"), name)

@@ -1,0 +1,109 @@
+"""Keeps a local Ray head alive for ``essential up``; SIGTERM shuts it down.
+
+Why a keeper process instead of ``ray start``: we may never run ``ray stop``
+(it kills every Ray on the machine), so the head must belong to one process we
+can stop by PID. ``ray.init()`` in this process starts GCS, raylet, dashboard
+and a reaper as its children; ``ray.shutdown()`` on SIGTERM stops all of them,
+and if the keeper is SIGKILLed Ray's reaper kills the keeper's process group.
+The launcher starts the keeper in a new session, so that group is only ours.
+
+Binding: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` must be set before Ray is
+imported, otherwise Linux Ray resolves ``127.0.0.1`` to the machine's external
+address. ``RAY_GCS_SERVER_PORT`` fixes the GCS port (``ray.init`` has no
+argument for it; Ray's head node reads that variable).
+
+Usage::
+
+    python -m actors.ray_keeper --info .essential/ray.json --gcs-port 6389 --dashboard-port 8265
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def write_json_atomic(path: Path, data: dict[str, object]) -> None:
+    """Readers polling ``path`` never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m actors.ray_keeper", description=__doc__.splitlines()[0])
+    parser.add_argument("--info", type=Path, required=True, help="JSON file to write the head's addresses to")
+    parser.add_argument("--gcs-port", type=int, default=0, help="GCS port (0: Ray picks one)")
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--no-dashboard", action="store_true")
+    parser.add_argument("--namespace", default="essential")
+    parser.add_argument("--num-cpus", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before `import ray`: read at import time
+    if args.gcs_port:
+        os.environ["RAY_GCS_SERVER_PORT"] = str(args.gcs_port)
+    else:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    os.environ.pop("RAY_ADDRESS", None)  # we start a head; never join whatever RAY_ADDRESS names
+
+    import ray
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    context = ray.init(
+        _node_ip_address=HOST,
+        include_dashboard=not args.no_dashboard,
+        dashboard_host=HOST,
+        dashboard_port=args.dashboard_port,
+        namespace=args.namespace,
+        num_cpus=args.num_cpus,
+        log_to_driver=False,
+    )
+    # ray.init installed a SIGTERM handler that calls sys.exit; ours lets the
+    # main loop shut Ray down deliberately instead.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    node = ray._private.worker.global_worker.node
+    dashboard_url = context.dashboard_url or ""
+    write_json_atomic(
+        args.info,
+        {
+            "pid": os.getpid(),
+            "gcs_address": ray.get_runtime_context().gcs_address,
+            "dashboard_url": f"http://{dashboard_url}" if dashboard_url else "",
+            "node_ip": context.address_info.get("node_ip_address"),
+            "session_dir": context.address_info.get("session_dir"),
+            "namespace": args.namespace,
+            "ray_pids": sorted(
+                proc.process.pid
+                for procs in node.all_processes.values()
+                for proc in procs
+                if proc.process is not None
+            ),
+        },
+    )
+    print(f"ray head up: gcs {ray.get_runtime_context().gcs_address} dashboard {dashboard_url}", flush=True)
+
+    while not stop.wait(1.0):
+        pass
+    print("SIGTERM: shutting Ray down", flush=True)
+    ray.shutdown()
+    print("ray head down", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

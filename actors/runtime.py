@@ -1,0 +1,58 @@
+"""Per-process resources shared by every saga hosted in a worker process.
+
+Built once per process and event loop: the MongoDB client, the store and the job
+registry (importing job modules) are never paid per saga.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestration import JobRegistry
+from persistence.connection import shared_client
+from persistence.store import MongoSagaStore
+
+from .settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    registry: JobRegistry
+    store: MongoSagaStore
+
+
+_runtimes: dict[tuple[str, int], Runtime] = {}
+_indexes_done: set[str] = set()
+
+
+def settings_from(data: dict[str, Any] | Settings | None) -> Settings:
+    if isinstance(data, Settings):
+        return data
+    return Settings(**data) if data else Settings()
+
+
+async def get_runtime(settings: dict[str, Any] | Settings | None = None) -> Runtime:
+    resolved = settings_from(settings)
+    key = (resolved.model_dump_json(), id(asyncio.get_running_loop()))
+    runtime = _runtimes.get(key)
+    if runtime is None:
+        _apply_examples_env(resolved)
+        store = MongoSagaStore(shared_client(resolved.mongodb_uri), resolved.database)
+        registry = JobRegistry.from_modules(resolved.job_modules)
+        runtime = Runtime(settings=resolved, registry=registry, store=store)
+        _runtimes[key] = runtime
+    if key[0] not in _indexes_done:
+        await runtime.store.ensure_indexes()
+        _indexes_done.add(key[0])
+    return runtime
+
+
+def _apply_examples_env(settings: Settings) -> None:
+    """Job modules read the cluster's MongoDB address from the environment like any service."""
+    from .settings import get_settings
+
+    os.environ["ESSENTIAL_MONGODB_URI"] = settings.mongodb_uri
+    get_settings.cache_clear()

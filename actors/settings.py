@@ -1,0 +1,113 @@
+"""One settings object, read from ``ESSENTIAL_*`` environment variables.
+
+Every default works on a laptop with the embedded servers that ``essential up``
+starts; production points ``ESSENTIAL_MONGODB_URI`` and
+``ESSENTIAL_KAFKA_BOOTSTRAP`` at real clusters.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ESSENTIAL_", extra="ignore")
+
+    mongodb_uri: str = Field(
+        "mongodb://127.0.0.1:27117/?replicaSet=secantus",
+        description="MongoDB replica set (transactions needed); the embedded dev server by default",
+    )
+    database: str = Field("essential", description="database holding sagas, stages and outbox")
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (host:port or ray://host:port); the stack's head when unset"
+    )
+    namespace: str = Field("essential", description="Ray namespace of every Essential actor")
+    job_modules: list[str] = Field(
+        default_factory=lambda: ["examples.jobs"],
+        description="modules whose module-level Job objects are registered (JSON list or comma separated)",
+    )
+    max_live_sagas: int = Field(
+        32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
+    )
+    supervisor_interval: float = Field(2.0, gt=0, description="seconds between supervisor sweeps")
+    max_restore_attempts: int = Field(5, ge=1, description="restores without progress before a saga is parked")
+    ttl_grace: float = Field(10.0, ge=0, description="seconds past TTL before a hung saga actor is killed")
+    retention: float = Field(7 * 24 * 3600, gt=0, description="seconds terminal sagas keep stage payloads")
+    home: Path = Field(Path(".essential"), description="state of the local stack: data dirs, PIDs, logs")
+    mongodb_port: int = Field(27117, description="port of the embedded MongoDB (essential up)")
+    kafka_port: int = Field(19092, description="port of the embedded Kafka broker (essential up)")
+    ray_port: int = Field(6389, description="GCS port of the local Ray head (essential up)")
+    dashboard_port: int = Field(8265, description="Ray dashboard port (essential up)")
+
+    # -- Kafka gateway (issue 4) -------------------------------------------------------------
+    kafka_command_topic: str = Field("saga.commands", description="JSON commands (start, abort, commit) the gateway applies")
+    kafka_dlq_topic: str = Field(
+        "saga.commands.dlq", description="rejected commands: the original bytes plus dlq.* headers saying why"
+    )
+    kafka_reply_topic: str = Field("saga.replies", description="participants' replies to commands sent by Kafka steps")
+    kafka_reply_dlq_topic: str = Field("saga.replies.dlq", description="replies that could not be understood")
+    kafka_consumer_group: str = Field(
+        "essential-gateway", description="consumer group of every gateway (replies use '<group>.replies')"
+    )
+    kafka_partitions: int = Field(4, ge=1, description="partitions of the topics the gateway creates")
+    kafka_create_topics: bool = Field(True, description="create the gateway's topics at start-up and after they vanish")
+    kafka_max_command_bytes: int = Field(
+        256 * 1024, ge=1024, description="commands larger than this go to the dead-letter topic unread"
+    )
+    kafka_acks: Literal["all", "1", "0"] = Field("all", description="producer acks: 'all' for a real Kafka")
+    kafka_idempotence: bool | None = Field(
+        None,
+        description=(
+            "idempotent producer; unset = on unless every bootstrap server is a loopback address "
+            "(the embedded dev broker rejects it); needs kafka_acks='all'"
+        ),
+    )
+    kafka_request_timeout: float = Field(10.0, gt=0, description="seconds before a Kafka request (and a publish) fails")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="passed to aiokafka as security_protocol"
+    )
+    kafka_sasl_mechanism: str | None = Field(None, description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or GSSAPI")
+    kafka_sasl_plain_username: str | None = Field(None, description="SASL user (PLAIN and SCRAM)")
+    kafka_sasl_plain_password: str | None = Field(None, description="SASL password (PLAIN and SCRAM)")
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle that signs the brokers' certificates")
+    kafka_ssl_certfile: str | None = Field(None, description="client certificate (mutual TLS)")
+    kafka_ssl_keyfile: str | None = Field(None, description="client private key (mutual TLS)")
+    kafka_ssl_password: str | None = Field(None, description="password of the client private key")
+    relay_batch_size: int = Field(500, ge=1, description="outbox rows one relay round claims and publishes")
+    relay_poll_interval: float = Field(0.1, gt=0, description="seconds the relay waits when the outbox is empty")
+    relay_claim_seconds: float = Field(
+        60.0, gt=0, description="lease on a claimed outbox batch; another gateway may take it over afterwards"
+    )
+    participant_poll_interval: float = Field(
+        0.2, gt=0, description="longest pause between two inbox reads of a Kafka step waiting for its reply"
+    )
+
+    @field_validator("kafka_acks", mode="before")
+    @classmethod
+    def _acks_as_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[no-untyped-def]
+        return (init_settings, _CommaListEnv(settings_cls), dotenv_settings, file_secret_settings)
+
+
+
+
+class _CommaListEnv(EnvSettingsSource):
+    """Accept ``a,b`` as well as JSON for list settings such as ESSENTIAL_JOB_MODULES."""
+
+    def prepare_field_value(self, field_name, field, value, value_is_complex):  # type: ignore[no-untyped-def]
+        if field_name == "job_modules" and isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,312 @@
+"""The supervisor: the control plane every client talks to, and the sweeper.
+
+Clients only need Ray: start/abort/status/list go through this singleton actor,
+which validates requests, writes the saga and creates its ``SagaActor``.  Its
+periodic sweep restores sagas whose actor died, aborts sagas past their TTL,
+and admits pending sagas while live saga actors are under the limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import ray
+
+from orchestration import (
+    EssentialError,
+    Event,
+    EventType,
+    InvalidRequest,
+    SagaState,
+    StartRequest,
+    SystemClock,
+    build_saga,
+)
+from orchestration.states import TERMINAL_STATES
+
+from .runtime import Runtime, get_runtime
+from .saga_actor import SagaActor, actor_name
+
+log = logging.getLogger("essential.supervisor")
+
+SUPERVISOR_NAME = "essential:supervisor"
+ACTIVE_STATES = [SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING]
+
+
+def error_envelope(exc: EssentialError) -> dict[str, Any]:
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class Supervisor:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.clock = SystemClock()
+        self.live: set[str] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._runtime: Runtime | None = None
+        self._sweeps = 0
+        self._killed: dict[str, int] = {}  # saga id -> lease epoch of the actor we killed
+        self._last_sweep_at: str | None = None
+        self._last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return "Supervisor(essential)"
+
+    async def _rt(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = await get_runtime(self.settings)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._sweep_forever())
+        return self._runtime
+
+    # -- client API --------------------------------------------------------------------
+    async def ready(self) -> bool:
+        await self._rt()
+        return True
+
+    async def start(self, request: dict[str, Any]) -> dict[str, Any]:
+        rt = await self._rt()
+        try:
+            parsed = StartRequest.parse(request)
+            saga, event = build_saga(parsed, rt.registry, self.clock)
+        except EssentialError as exc:
+            return error_envelope(exc)
+        saga, created = await rt.store.create(saga, event)
+        if created and len(self.live) < rt.settings.max_live_sagas:
+            self._launch(saga.id, saga.job)
+        return {"saga": saga.model_dump(mode="json"), "created": created}
+
+    async def status(self, saga_id: str) -> dict[str, Any]:
+        rt = await self._rt()
+        try:
+            return {"saga": (await rt.store.get(saga_id)).model_dump(mode="json")}
+        except EssentialError as exc:
+            return error_envelope(exc)
+
+    async def stages(self, saga_id: str) -> dict[str, Any]:
+        rt = await self._rt()
+        try:
+            await rt.store.get(saga_id)
+            return {"stages": [s.model_dump(mode="json") for s in await rt.store.stages(saga_id)]}
+        except EssentialError as exc:
+            return error_envelope(exc)
+
+    async def wait(self, saga_id: str, timeout: float) -> dict[str, Any]:
+        """Poll the store until the saga is terminal or parked (or the timeout passes)."""
+        rt = await self._rt()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.02
+        while True:
+            try:
+                saga = await rt.store.get(saga_id)
+            except EssentialError as exc:
+                return error_envelope(exc)
+            if saga.state in TERMINAL_STATES or saga.state == SagaState.PARKED or loop.time() >= deadline:
+                return {"saga": saga.model_dump(mode="json")}
+            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
+            delay = min(delay * 1.5, 0.25)
+
+    async def abort(self, saga_id: str, reason: str) -> dict[str, Any]:
+        rt = await self._rt()
+        try:
+            saga = await rt.store.request_abort(saga_id, reason)
+        except EssentialError as exc:
+            return error_envelope(exc)
+        if saga.state not in TERMINAL_STATES:
+            if await asyncio.to_thread(self._alive, saga_id):
+                await self._notify_abort(saga_id, reason)
+            elif saga.state != SagaState.PENDING:
+                self._launch(saga.id, saga.job)  # e.g. a parked saga resumed for compensation
+        return {"saga": saga.model_dump(mode="json")}
+
+    async def list(self, state: str | None, job: str | None, limit: int) -> dict[str, Any]:
+        rt = await self._rt()
+        if state is not None and state not in {s.value for s in SagaState}:
+            known = ", ".join(s.value for s in SagaState)
+            return error_envelope(InvalidRequest(f"unknown state {state!r}; use one of: {known}"))
+        sagas = await rt.store.list(state=state, job=job, limit=limit)
+        return {"sagas": [s.model_dump(mode="json") for s in sagas]}
+
+    async def states(self, saga_ids: list[str]) -> dict[str, str]:
+        """Current state of many sagas in one round trip (progress displays)."""
+        rt = await self._rt()
+        return await rt.store.states(saga_ids)
+
+    async def health(self) -> dict[str, Any]:
+        """Is the sweep alive, when did it last finish, what failed last, and where is it now."""
+        await self._rt()
+        task = self._loop_task
+        where = ""
+        if task is not None and not task.done():
+            where = "".join(traceback.format_stack(task.get_stack()[-1])) if task.get_stack() else ""
+        return {
+            "sweeps": self._sweeps,
+            "last_sweep_at": self._last_sweep_at,
+            "last_error": self._last_error,
+            "live": len(self.live),
+            "sweeping_at": where,
+        }
+
+    async def live_count(self) -> int:
+        return len(self.live)
+
+    # -- actors --------------------------------------------------------------------------
+    def _launch(self, saga_id: str, job: str) -> None:
+        rt = self._runtime
+        assert rt is not None
+        try:
+            handle = SagaActor.options(
+                name=actor_name(saga_id),
+                namespace=rt.settings.namespace,
+                lifetime="detached",
+            ).remote(saga_id, job, self.settings)
+        except ValueError:  # the name is taken: an actor already drives this saga
+            self.live.add(saga_id)
+            return
+        handle.run.remote()
+        self.live.add(saga_id)
+
+    async def _notify_abort(self, saga_id: str, reason: str) -> None:
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, actor_name(saga_id), self.settings_namespace)
+        except ValueError:
+            return  # not running: the abort flag in MongoDB is read when it resumes
+        try:
+            # a step that blocks its actor's event loop must not stall the supervisor
+            await asyncio.wait_for(handle.abort.remote(reason), timeout=2.0)
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            pass
+
+    @property
+    def settings_namespace(self) -> str:
+        assert self._runtime is not None
+        return self._runtime.settings.namespace
+
+    def _alive(self, saga_id: str) -> bool:
+        try:
+            ray.get_actor(actor_name(saga_id), namespace=self.settings_namespace)
+            return True
+        except ValueError:
+            return False
+
+    # -- the sweep ------------------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        assert self._runtime is not None
+        interval = self._runtime.settings.supervisor_interval
+        while True:
+            try:
+                await asyncio.wait_for(self.sweep(), timeout=max(30.0, 10 * interval))
+                self._last_sweep_at = datetime.now(timezone.utc).isoformat()
+            except Exception as exc:  # keep sweeping: one bad round must not stop recovery
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("supervisor sweep failed")
+            await asyncio.sleep(interval)
+
+    async def sweep(self) -> dict[str, int]:
+        """One round: forget finished sagas, expire TTLs, restore orphans, admit pending, prune."""
+        rt = await self._rt()
+        store, conf = rt.store, rt.settings
+        self._sweeps += 1
+        counts = {"restored": 0, "expired": 0, "admitted": 0, "parked": 0, "killed": 0, "pruned": 0}
+        active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES)}
+        pending = await store.list_by_states([SagaState.PENDING], oldest_first=True)
+        await self._forget_finished(set(active) | {s.id for s in pending})
+        now = datetime.now(timezone.utc)
+        checks = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in active))
+        alive = {sid for sid, ok in zip(active, checks) if ok}
+
+        for saga in active.values():
+            if saga.deadline > now or saga.state != SagaState.RUNNING:
+                continue
+            if not saga.abort_requested:
+                reason = f"ttl of {saga.ttl:g}s expired"
+                await store.request_abort(saga.id, reason)
+                await self._notify_abort(saga.id, reason)
+                counts["expired"] += 1
+            elif (
+                saga.id in alive
+                and (now - saga.deadline).total_seconds() > conf.ttl_grace
+                and (now - saga.updatedAt).total_seconds() > conf.ttl_grace
+                and self._killed.get(saga.id) != saga.lease.epoch
+            ):
+                # the step ignores cancellation (blocking code): replace the actor, once per lease
+                self._killed[saga.id] = saga.lease.epoch
+                await asyncio.to_thread(self._kill, saga.id)
+                alive.discard(saga.id)
+                counts["killed"] += 1
+
+        for saga_id, saga in active.items():
+            if saga_id in alive:
+                self.live.add(saga_id)
+                continue
+            self.live.discard(saga_id)
+            if len(self.live) >= conf.max_live_sagas:
+                break
+            if await store.note_restore(saga_id) > conf.max_restore_attempts:
+                await self._park(saga_id, f"restored {conf.max_restore_attempts} times without progress")
+                counts["parked"] += 1
+                continue
+            self._launch(saga_id, saga.job)
+            counts["restored"] += 1
+
+        launched = [s.id for s in pending if s.id in self.live]
+        launched_alive = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in launched))
+        self.live -= {sid for sid, ok in zip(launched, launched_alive) if not ok}  # died before starting
+        for saga in pending:
+            if saga.id in self.live:
+                continue
+            if len(self.live) >= conf.max_live_sagas:
+                break
+            if not await asyncio.to_thread(self._alive, saga.id):
+                self._launch(saga.id, saga.job)
+                counts["admitted"] += 1
+            self.live.add(saga.id)
+
+        if self._sweeps % 30 == 1:
+            counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))
+        counts["live"] = len(self.live)
+        return counts
+
+    async def _forget_finished(self, unfinished: set[str]) -> None:
+        """Drop sagas from the live set once they are finished *and* their actor has exited."""
+        done = [sid for sid in self.live if sid not in unfinished]
+        still = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in done))
+        gone = {sid for sid, alive in zip(done, still) if not alive}
+        self.live -= gone
+        for sid in gone:
+            self._killed.pop(sid, None)
+
+    async def _park(self, saga_id: str, reason: str) -> None:
+        """Needs a person: fenced like any writer, so a late actor cannot undo it."""
+        rt = await self._rt()
+        saga = await rt.store.acquire_lease(saga_id, "supervisor")
+        event = Event(
+            type=EventType.PARKED, saga=saga.id, job=saga.job, state=SagaState.PARKED, at=self.clock.now(),
+            correlation_id=saga.correlation_id, traceparent=saga.traceparent, data={"reason": reason},
+        )  # fmt: skip
+        fields = {"state": SagaState.PARKED, "parked_reason": reason, "parked_from": saga.state,
+                  "updatedAt": self.clock.now()}  # fmt: skip
+        await rt.store.transition(saga_id, saga.lease.epoch, fields, [event])
+        await rt.store.release(saga_id)
+        log.error("saga %s parked: %s", saga_id, reason)
+
+    def _kill(self, saga_id: str) -> None:
+        try:
+            ray.kill(ray.get_actor(actor_name(saga_id), namespace=self.settings_namespace), no_restart=True)
+        except ValueError:
+            pass
+
+    async def resume(self, saga_id: str) -> dict[str, Any]:
+        """Operator: give a parked saga another go from its last checkpoint."""
+        rt = await self._rt()
+        try:
+            saga = await rt.store.resume(saga_id)
+        except EssentialError as exc:
+            return error_envelope(exc)
+        self._launch(saga.id, saga.job)
+        return {"saga": saga.model_dump(mode="json")}

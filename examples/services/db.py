@@ -1,0 +1,83 @@
+"""Where the example services keep their data.
+
+Every service owns one database; ``ESSENTIAL_EXAMPLES_DB_PREFIX`` is prepended
+to its name (read on every call) so tests and benchmarks can use isolated
+databases on a shared server.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import CollectionInvalid, OperationFailure
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+
+from actors.settings import get_settings
+from persistence.connection import shared_client
+
+PREFIX_ENV = "ESSENTIAL_EXAMPLES_DB_PREFIX"
+SERVICE_DATABASES = ("inventory", "financial", "billing", "notify", "logistic", "users", "sales")
+
+T = TypeVar("T")
+
+
+def prefix() -> str:
+    return os.environ.get(PREFIX_ENV, "")
+
+
+def client() -> AsyncMongoClient:
+    """The process's shared client for the configured MongoDB (one pool per event loop)."""
+    return shared_client(get_settings().mongodb_uri)
+
+
+def database_name(service: str) -> str:
+    return prefix() + service
+
+
+def collection(bucket: str) -> AsyncCollection:
+    """``collection("inventory.stocks")`` → collection ``stocks`` of database ``<prefix>inventory``."""
+    service, _, name = bucket.partition(".")
+    if not service or not name:
+        raise ValueError(f"bucket {bucket!r} must look like 'service.collection'")
+    return client()[database_name(service)][name]
+
+
+async def transaction(body: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
+    """Run ``body`` in one transaction; ``with_transaction`` retries transient write conflicts."""
+    async with client().start_session() as session:
+        return await session.with_transaction(body)
+
+
+def now() -> datetime:
+    """UTC, truncated to milliseconds (what MongoDB stores)."""
+    t = datetime.now(timezone.utc)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+async def drop_all() -> None:
+    """Drop every service database under the current prefix (tests, demo resets)."""
+    for service in SERVICE_DATABASES:
+        await client().drop_database(database_name(service))
+
+
+async def ensure_collections(*buckets: str) -> None:
+    """Create the collections up front: implicit creation inside concurrent transactions conflicts."""
+    for bucket in buckets:
+        coll = collection(bucket)
+        if coll.name not in await coll.database.list_collection_names():
+            try:
+                await coll.database.create_collection(coll.name)
+            except CollectionInvalid:  # created concurrently
+                pass
+            except OperationFailure as exc:
+                if exc.code != 48:  # NamespaceExists
+                    raise
+
+
+def plain(doc: dict[str, Any]) -> dict[str, Any]:
+    """A ledger document as a step result: no ``_id``/``at`` (results must be JSON-able)."""
+    return {k: v for k, v in doc.items() if k not in ("_id", "at")}

@@ -1,0 +1,31 @@
+"""Essential's domain: models, the job DSL and registry, the saga runner.
+
+No Ray, PyMongo or aiokafka here (tests/test_layers.py enforces it).
+"""
+from .clock import Clock, SystemClock
+from .dsl import NO_RETRY, Job, RetryPolicy, Step, StepContext
+from .errors import (
+    EssentialError,
+    IllegalTransition,
+    InvalidPayload,
+    InvalidRequest,
+    JobVersionMissing,
+    LeaseLost,
+    SagaNotFound,
+    StepFailed,
+    UnknownJob,
+)
+from .models import Event, Lease, Saga, Stage, StageMeta, new_id
+from .ports import SagaStore
+from .registry import JobRegistry
+from .requests import StartRequest, build_saga
+from .runner import SagaRunner
+from .states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, StageStatus
+
+__all__ = [
+    "Action", "Clock", "EssentialError", "Event", "EventType", "IllegalTransition", "InvalidPayload",
+    "InvalidRequest", "Job", "JobRegistry", "JobVersionMissing", "LIVE_STATES", "Lease", "LeaseLost",
+    "NO_RETRY", "RetryPolicy", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
+    "Stage", "StageMeta", "StageStatus", "StartRequest", "Step", "StepContext", "StepFailed",
+    "SystemClock", "TERMINAL_STATES", "UnknownJob", "build_saga", "new_id",
+]

@@ -1,0 +1,41 @@
+"""Which completed stages must be undone, and in what order."""
+from __future__ import annotations
+
+from .models import Stage
+from .states import Action, StageStatus
+
+
+def needs_compensation(stage: Stage) -> bool:
+    """Succeeded forward stages, and forward stages whose outcome is unknown.
+
+    A stage that failed by timeout (or was written ahead and never finished)
+    may have taken effect at the participant, so its compensation runs too;
+    compensations are keyed by the stage's idempotency key and must tolerate
+    finding nothing to undo.
+    """
+    if stage.action == Action.COMPENSATE:
+        return False
+    if stage.status == StageStatus.SUCCEEDED:
+        return True
+    if stage.status == StageStatus.STARTED:
+        return True
+    return bool(stage.res and isinstance(stage.res, dict) and stage.res.get("outcome") == "unknown")
+
+
+def compensation_plan(stages: list[Stage]) -> list[Stage]:
+    """Forward stages still to undo, latest first, skipping ones already undone."""
+    undone = {
+        s.compensates
+        for s in stages
+        if s.action == Action.COMPENSATE and s.status == StageStatus.SUCCEEDED
+    }
+    todo = [s for s in stages if needs_compensation(s) and s.seq not in undone]
+    return sorted(todo, key=lambda s: s.seq, reverse=True)
+
+
+def open_compensation(stages: list[Stage], forward_seq: int) -> Stage | None:
+    """A compensate stage written ahead for ``forward_seq`` but not finished (crash)."""
+    for s in stages:
+        if s.action == Action.COMPENSATE and s.compensates == forward_seq and s.status == StageStatus.STARTED:
+            return s
+    return None

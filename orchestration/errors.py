@@ -1,0 +1,79 @@
+"""Typed errors.  Each message tells the caller what to do about it."""
+from __future__ import annotations
+
+
+class EssentialError(Exception):
+    """Base of every error Essential raises on purpose."""
+
+
+class InvalidRequest(EssentialError, ValueError):
+    """A start/abort request that cannot be accepted as given."""
+
+
+class UnknownJob(InvalidRequest):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        super().__init__(
+            f"unknown job {name!r}; registered jobs: {', '.join(sorted(known)) or 'none'}"
+            " (add its module to ESSENTIAL_JOB_MODULES)"
+        )
+
+
+class JobVersionMissing(EssentialError):
+    def __init__(self, name: str, version: int, known: list[int]):
+        self.name, self.version = name, version
+        super().__init__(
+            f"job {name!r} version {version} is not registered (have {known}); "
+            "deploy the module that defines it so in-flight sagas can resume"
+        )
+
+
+class InvalidPayload(InvalidRequest):
+    def __init__(self, job: str, problems: list[str]):
+        self.job, self.problems = job, problems
+        super().__init__(f"payload rejected by job {job!r}: " + "; ".join(problems))
+
+
+class SagaNotFound(EssentialError, LookupError):
+    def __init__(self, saga_id: str):
+        self.saga_id = saga_id
+        super().__init__(f"no saga with id {saga_id!r}")
+
+
+class IllegalTransition(EssentialError):
+    """An operation the saga's current state forbids (e.g. commit after abort)."""
+
+
+class LeaseLost(EssentialError):
+    """Another actor took over this saga (higher epoch); the stale one must stop."""
+
+    def __init__(self, saga_id: str, epoch: int):
+        self.saga_id, self.epoch = saga_id, epoch
+        super().__init__(f"saga {saga_id}: lease epoch {epoch} is stale; stopping")
+
+
+class StepTimeout(EssentialError, TimeoutError):
+    pass
+
+
+class StepFailed(EssentialError):
+    """Raised by a step to fail at once, without further retries."""
+
+    retryable = False
+
+
+def rebuild_error(type_name: str, message: str) -> EssentialError:
+    """Recreate a typed error sent across a process boundary (Ray, Kafka, HTTP) by name."""
+    cls: type[EssentialError] = _BY_NAME.get(type_name, EssentialError)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    return exc
+
+
+_BY_NAME: dict[str, type[EssentialError]] = {
+    c.__name__: c
+    for c in (
+        EssentialError, InvalidRequest, UnknownJob, JobVersionMissing, InvalidPayload,
+        SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed,
+    )
+}

@@ -1,0 +1,96 @@
+"""Saga and Stage documents as the specification names them.
+
+Ids are 24-hex strings here; the persistence layer maps them to ObjectId so
+this layer stays free of BSON.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .states import Action, EventType, SagaState, StageStatus
+
+
+def new_id() -> str:
+    """An ObjectId-shaped id (4-byte time, 8 random bytes) without importing bson."""
+    return f"{int(time.time()):08x}{secrets.token_hex(8)}"
+
+
+class Lease(BaseModel):
+    owner: str | None = None
+    epoch: int = 0
+
+
+class Saga(BaseModel):
+    model_config = ConfigDict(use_enum_values=False, populate_by_name=True)
+
+    id: str = Field(default_factory=new_id)
+    ttl: float = Field(gt=0, description="seconds from createdAt until the saga is aborted")
+    job: str
+    version: int = 1
+    state: SagaState = SagaState.PENDING
+    session: str | None = Field(default=None, description="MongoDB session id of the atomic writes")
+    pruned_at: datetime | None = None
+    aborted_at: datetime | None = None
+    committed_at: datetime | None = None
+    createdAt: datetime
+    updatedAt: datetime
+    # -- beyond the specification's summary fields: what the runner needs to resume
+    payload: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    cursor: int = 0
+    seq: int = 0
+    abort_requested: str | None = None
+    error: str | None = None
+    lease: Lease = Field(default_factory=Lease)
+    restore_attempts: int = 0
+    parked_reason: str | None = None
+    parked_from: SagaState | None = None
+
+    @property
+    def deadline(self) -> datetime:
+        return self.createdAt + timedelta(seconds=self.ttl)
+
+
+class StageMeta(BaseModel):
+    idempotency_key: str
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    retry_count: int = 0
+    errors: list[str] = Field(default_factory=list)
+    duration_ms: float | None = None
+
+
+class Stage(BaseModel):
+    saga: str
+    seq: int
+    step: str
+    bucket: str
+    action: Action
+    status: StageStatus = StageStatus.STARTED
+    req: Any = None
+    res: Any = None
+    meta: StageMeta
+    compensates: int | None = Field(default=None, description="seq of the forward stage undone")
+    started_at: datetime
+    finished_at: datetime | None = None
+
+
+class Event(BaseModel):
+    """A lifecycle event bound for the outbox, written in the same transaction."""
+
+    id: str = Field(default_factory=new_id)
+    type: EventType
+    saga: str
+    job: str
+    state: SagaState
+    at: datetime
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)

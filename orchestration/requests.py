@@ -1,0 +1,69 @@
+"""Validation of start requests, shared by every entry point (client, CLI, Kafka, HTTP)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .clock import Clock
+from .errors import InvalidRequest
+from .models import Event, Saga
+from .registry import JobRegistry
+from .states import EventType, SagaState
+
+
+class StartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job: str = Field(min_length=1, description="registered job name, e.g. order:fulfillment")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    ttl: float | None = Field(default=None, gt=0, description="seconds; the job's default when omitted")
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    correlation_id: str | None = Field(default=None, max_length=200)
+    traceparent: str | None = Field(default=None, max_length=200)
+
+    @classmethod
+    def parse(cls, data: Any) -> "StartRequest":
+        """Validate raw input, raising :class:`InvalidRequest` that names each bad field."""
+        if isinstance(data, cls):
+            return data
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in err['loc']) or '<request>'}: {err['msg']}" for err in exc.errors()
+            ]
+            raise InvalidRequest("invalid start request: " + "; ".join(problems)) from None
+
+
+def build_saga(request: StartRequest, registry: JobRegistry, clock: Clock) -> tuple[Saga, Event]:
+    """Turn a valid request into a pending saga and its ``saga.started`` event.
+
+    Raises :class:`UnknownJob` or :class:`InvalidPayload` before anything is stored.
+    """
+    job = registry.get(request.job)
+    payload = job.validate_payload(request.payload)
+    now = clock.now()
+    saga = Saga(
+        ttl=request.ttl or job.ttl,
+        job=job.name,
+        version=job.version,
+        state=SagaState.PENDING,
+        createdAt=now,
+        updatedAt=now,
+        payload=payload.model_dump(mode="json"),
+        idempotency_key=request.idempotency_key,
+        correlation_id=request.correlation_id,
+        traceparent=request.traceparent,
+    )
+    event = Event(
+        type=EventType.STARTED,
+        saga=saga.id,
+        job=saga.job,
+        state=saga.state,
+        at=now,
+        correlation_id=saga.correlation_id,
+        traceparent=saga.traceparent,
+        data={"version": saga.version, "ttl": saga.ttl},
+    )
+    return saga, event

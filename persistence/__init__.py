@@ -1,0 +1,1 @@
+"""MongoDB: the saga store, its indexes and transactions; the embedded dev server launcher."""

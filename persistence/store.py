@@ -1,0 +1,319 @@
+"""The saga store on PyMongo's async API.
+
+Every checkpoint is one multi-document transaction (``with_transaction``, which
+retries the transient write conflicts the dev server raises readily) that updates
+the saga fenced by its lease epoch, writes the stage, and appends outbox events.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, TypeVar
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from orchestration.errors import IllegalTransition, LeaseLost, SagaNotFound
+from orchestration.models import Event, Saga, Stage
+from orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
+
+from .documents import event_to_doc, oid, plain, saga_from_doc, saga_to_doc, stage_from_doc, stage_to_doc
+from .indexes import ensure_indexes
+
+
+log = logging.getLogger("essential.store")
+T = TypeVar("T")
+
+#: how long the store keeps retrying while MongoDB is unreachable before giving up
+OUTAGE_BUDGET_S = 600.0
+
+
+def _retryable(exc: PyMongoError) -> bool:
+    return isinstance(exc, ConnectionFailure) or exc.has_error_label("TransientTransactionError") or (
+        exc.has_error_label("RetryableWriteError")
+    )
+
+
+async def resilient(op: Callable[[], Awaitable[T]], what: str, budget: float = OUTAGE_BUDGET_S) -> T:
+    """Run ``op``, riding out a MongoDB outage (restart, failover) for up to ``budget`` seconds.
+
+    A duplicate-key error on a *retry* means the earlier attempt committed before
+    its acknowledgement was lost (every checkpoint inserts a uniquely keyed stage
+    or outbox row), so it counts as success.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    delay, attempt = 0.1, 0
+    while True:
+        attempt += 1
+        try:
+            return await op()
+        except DuplicateKeyError:
+            if attempt > 1:
+                return None  # type: ignore[return-value]
+            raise
+        except PyMongoError as exc:
+            if not _retryable(exc) or loop.time() >= deadline:
+                raise
+            log.warning("MongoDB unavailable during %s (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _session_hex(session: AsyncClientSession) -> str:
+    raw = session.session_id["id"]
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+class MongoSagaStore:
+    """Implements :class:`orchestration.ports.SagaStore` on one database."""
+
+    def __init__(self, client: AsyncMongoClient, database: str = "essential") -> None:
+        self.client = client
+        self.db = client[database]
+        self.sagas = self.db["sagas"]
+        self.stages_col = self.db["stages"]
+        self.outbox = self.db["outbox"]
+        # One logical session per saga being driven here: its id is the saga's
+        # ``session`` field, and a runner uses it strictly sequentially.
+        self._sessions: dict[str, AsyncClientSession] = {}
+
+    async def ensure_indexes(self) -> None:
+        await resilient(lambda: ensure_indexes(self.db), "create indexes")
+
+    # -- transactions --------------------------------------------------------------
+    async def _in_transaction(self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]]) -> Any:
+        async def once() -> Any:
+            session = self._sessions.get(saga_id)
+            if session is not None and not session.in_transaction:
+                return await session.with_transaction(body)
+            async with self.client.start_session() as fresh:
+                return await fresh.with_transaction(body)
+
+        return await resilient(once, f"checkpoint of saga {saga_id}")
+
+    async def _fenced_update(
+        self, session: AsyncClientSession, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]
+    ) -> None:
+        update: dict[str, Any] = {"$set": plain(fields)}
+        if events:
+            update["$inc"] = {"events": len(events)}
+        doc = await self.sagas.find_one_and_update(
+            {"_id": oid(saga_id), "lease.epoch": epoch},
+            update,
+            projection={"events": 1},
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if doc is None:
+            raise LeaseLost(saga_id, epoch)
+        if events:
+            first = doc["events"] - len(events) + 1
+            await self.outbox.insert_many(
+                [event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session
+            )
+
+    # -- SagaStore ---------------------------------------------------------------------
+    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
+        doc = saga_to_doc(saga)
+        doc["events"] = 1
+
+        async def body(session: AsyncClientSession) -> None:
+            await self.sagas.insert_one(doc, session=session)
+            await self.outbox.insert_one(event_to_doc(event, 1), session=session)
+
+        async def once() -> None:
+            async with self.client.start_session() as session:
+                await session.with_transaction(body)
+
+        try:
+            await resilient(once, "create saga", budget=30.0)
+        except DuplicateKeyError:
+            if saga.idempotency_key is None:
+                raise
+            existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
+            if existing is None:
+                raise
+            return saga_from_doc(existing), False
+        return saga, True
+
+    async def get(self, saga_id: str) -> Saga:
+        try:
+            key = oid(saga_id)
+        except Exception:
+            raise SagaNotFound(str(saga_id)) from None
+        doc = await resilient(lambda: self.sagas.find_one({"_id": key}), "read saga")
+        if doc is None:
+            raise SagaNotFound(saga_id)
+        return saga_from_doc(doc)
+
+    async def stages(self, saga_id: str) -> list[Stage]:
+        async def read() -> list[Stage]:
+            cursor = self.stages_col.find({"saga": oid(saga_id)}).sort("seq", ASCENDING)
+            return [stage_from_doc(d) async for d in cursor]
+
+        return await resilient(read, "read stages")
+
+    async def acquire_lease(self, saga_id: str, owner: str) -> Saga:
+        old = self._sessions.pop(saga_id, None)
+        if old is not None:
+            await old.end_session()
+        session = self.client.start_session()
+        doc = await resilient(
+            lambda: self.sagas.find_one_and_update(
+                {"_id": oid(saga_id)},
+                {"$inc": {"lease.epoch": 1}, "$set": {"lease.owner": owner, "session": _session_hex(session)}},
+                return_document=ReturnDocument.AFTER,
+            ),
+            "lease",
+        )
+        if doc is None:
+            await session.end_session()
+            raise SagaNotFound(saga_id)
+        saga = saga_from_doc(doc)
+        if saga.state in TERMINAL_STATES:
+            await session.end_session()
+        else:
+            self._sessions[saga_id] = session
+        return saga
+
+    async def release(self, saga_id: str) -> None:
+        """Forget the saga's session (the runner is done with it)."""
+        session = self._sessions.pop(saga_id, None)
+        if session is not None:
+            await session.end_session()
+
+    async def write_ahead(self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any]) -> None:
+        stage_doc = stage_to_doc(stage)
+
+        async def body(session: AsyncClientSession) -> None:
+            await self._fenced_update(session, saga_id, epoch, fields, [])
+            await self.stages_col.insert_one(dict(stage_doc), session=session)
+
+        await self._in_transaction(saga_id, body)
+
+    async def record_result(
+        self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], events: list[Event]
+    ) -> None:
+        stage_doc = stage_to_doc(stage)
+
+        async def body(session: AsyncClientSession) -> None:
+            await self._fenced_update(session, saga_id, epoch, fields, events)
+            await self.stages_col.replace_one(
+                {"saga": oid(saga_id), "seq": stage.seq}, stage_doc, upsert=True, session=session
+            )
+
+        await self._in_transaction(saga_id, body)
+
+    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> None:
+        async def body(session: AsyncClientSession) -> None:
+            await self._fenced_update(session, saga_id, epoch, fields, events)
+
+        await self._in_transaction(saga_id, body)
+        if fields.get("state") in TERMINAL_STATES:
+            await self.release(saga_id)
+
+    async def request_abort(self, saga_id: str, reason: str) -> Saga:
+        saga = await self.get(saga_id)
+        if saga.state == SagaState.COMPLETED:
+            raise IllegalTransition(f"saga {saga_id} already completed; it cannot be aborted")
+        if saga.state == SagaState.PARKED:
+            return await self.resume(saga_id, abort_reason=reason)
+        if saga.state in (SagaState.ABORTED, SagaState.COMPENSATING) or saga.abort_requested:
+            return saga
+        doc = await self.sagas.find_one_and_update(
+            {"_id": oid(saga_id), "state": {"$in": [s.value for s in LIVE_STATES | {SagaState.PARKED}]},
+             "abort_requested": None},
+            {"$set": {"abort_requested": reason}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:  # raced with a transition; report what it is now
+            return await self.get(saga_id)
+        return saga_from_doc(doc)
+
+    async def list(
+        self,
+        *,
+        state: SagaState | str | None = None,
+        job: str | None = None,
+        limit: int = 50,
+    ) -> list[Saga]:
+        query: dict[str, Any] = {}
+        if state is not None:
+            query["state"] = SagaState(state).value
+        if job is not None:
+            query["job"] = job
+        cursor = self.sagas.find(query).sort("createdAt", DESCENDING).limit(limit)
+        return [saga_from_doc(d) async for d in cursor]
+
+    async def count_by_state(self, states: list[SagaState]) -> int:
+        return await self.sagas.count_documents({"state": {"$in": [s.value for s in states]}})
+
+    async def outbox_for(self, saga_id: str) -> list[dict[str, Any]]:
+        cursor = self.outbox.find({"saga": ObjectId(saga_id)}).sort("n", ASCENDING)
+        return [d async for d in cursor]
+
+    async def list_by_states(self, states: list[SagaState], *, oldest_first: bool = False) -> list[Saga]:
+        """Every saga in ``states`` (the supervisor's sweeps), oldest first on request."""
+        cursor = self.sagas.find({"state": {"$in": [s.value for s in states]}})
+        if oldest_first:
+            cursor = cursor.sort("createdAt", ASCENDING)
+        return [saga_from_doc(d) async for d in cursor]
+
+    async def note_restore(self, saga_id: str) -> int:
+        """Count a restore; the supervisor parks a saga whose restores keep failing."""
+        doc = await resilient(
+            lambda: self.sagas.find_one_and_update(
+                {"_id": oid(saga_id)},
+                {"$inc": {"restore_attempts": 1}},
+                projection={"restore_attempts": 1},
+                return_document=ReturnDocument.AFTER,
+            ),
+            "count restore",
+        )
+        return int(doc["restore_attempts"]) if doc else 0
+
+    async def resume(self, saga_id: str, *, abort_reason: str | None = None) -> Saga:
+        """Operator action: put a parked saga back where it was (optionally aborting it)."""
+        saga = await self.get(saga_id)
+        if saga.state != SagaState.PARKED:
+            if abort_reason is None:
+                raise IllegalTransition(f"saga {saga_id} is {saga.state.value}, not parked; nothing to resume")
+            return saga
+        back = saga.parked_from or SagaState.RUNNING
+        if back == SagaState.PENDING:
+            back = SagaState.RUNNING
+        fields: dict[str, Any] = {
+            "state": back.value, "parked_reason": None, "parked_from": None, "restore_attempts": 0,
+        }
+        if abort_reason is not None and back == SagaState.RUNNING:
+            fields["abort_requested"] = abort_reason
+        doc = await self.sagas.find_one_and_update(
+            {"_id": oid(saga_id), "state": SagaState.PARKED.value},
+            {"$set": fields, "$inc": {"lease.epoch": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return saga_from_doc(doc) if doc else await self.get(saga_id)
+
+    async def prune(self, older_than: Any, limit: int = 500) -> int:
+        """Drop stage payloads of terminal sagas finished before ``older_than``; keep summaries."""
+        query = {
+            "state": {"$in": [s.value for s in TERMINAL_STATES]},
+            "updatedAt": {"$lt": older_than},
+            "pruned_at": None,
+        }
+        ids = [d["_id"] async for d in self.sagas.find(query, {"_id": 1}).limit(limit)]
+        if not ids:
+            return 0
+        now = datetime.now(timezone.utc)
+        await self.stages_col.update_many({"saga": {"$in": ids}}, {"$set": {"req": None, "res": None, "pruned": True}})
+        await self.sagas.update_many({"_id": {"$in": ids}}, {"$set": {"pruned_at": now, "payload": {}}})
+        return len(ids)
+
+    async def states(self, saga_ids: list[str]) -> dict[str, str]:
+        cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}}, {"state": 1})
+        return {str(d["_id"]): d["state"] async for d in cursor}

@@ -1,0 +1,143 @@
+"""Real servers for the tests: SecantusDB (or ESSENTIAL_MONGODB_URI), the Kafka broker, local Ray."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_DB = "essential_test"
+JOBS_DB = "essential_testjobs"
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The embedded SecantusDB process (None when ESSENTIAL_MONGODB_URI names a real MongoDB)."""
+    if os.environ.get("ESSENTIAL_MONGODB_URI"):
+        yield None
+        return
+    from persistence.embedded import EmbeddedMongo
+
+    server = EmbeddedMongo(data_dir=tmp_path_factory.mktemp("mongo"), log_dir=tmp_path_factory.mktemp("logs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_uri(mongo_server: Any) -> str:
+    return mongo_server.uri if mongo_server is not None else os.environ["ESSENTIAL_MONGODB_URI"]
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The embedded Kafka broker (memory storage); tests may kill and restart it on the same port."""
+    from actors.embedded_kafka import EmbeddedKafka
+
+    broker = EmbeddedKafka(log_dir=tmp_path_factory.mktemp("kafka-logs"))
+    broker.start()
+    os.environ["ESSENTIAL_KAFKA_BOOTSTRAP"] = broker.bootstrap
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def essential_env(mongo_uri: str, kafka: Any) -> dict[str, str]:
+    env = {
+        "ESSENTIAL_MONGODB_URI": mongo_uri,
+        "ESSENTIAL_KAFKA_BOOTSTRAP": kafka.bootstrap,
+        "ESSENTIAL_DATABASE": TEST_DB,
+        "ESSENTIAL_TEST_DB": JOBS_DB,
+        "ESSENTIAL_JOB_MODULES": os.environ.get("ESSENTIAL_TEST_JOB_MODULES", "examples.jobs,tests.jobs"),
+        "ESSENTIAL_SUPERVISOR_INTERVAL": "0.5",
+        "ESSENTIAL_TTL_GRACE": "1",
+        "ESSENTIAL_MAX_LIVE_SAGAS": "16",
+        "ESSENTIAL_EXAMPLES_DB_PREFIX": "t_",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    os.environ.update(env)
+    from actors.settings import get_settings
+
+    get_settings.cache_clear()
+    return env
+
+
+def init_ray() -> None:
+    """A local Ray whose every process listens on and advertises 127.0.0.1 only."""
+    import ray
+
+    from actors.loopback import bind_ray_to_loopback
+    from persistence.embedded import free_port
+
+    bind_ray_to_loopback()
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        namespace="essential",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_session(essential_env: dict[str, str]) -> Iterator[Any]:
+    import ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(essential_env: dict[str, str]) -> Any:
+    from actors.settings import Settings
+
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def client(ray_session: Any, settings: Any) -> Any:
+    from actors.client import EssentialClient
+
+    return EssentialClient(settings)
+
+
+@pytest.fixture(scope="session")
+async def mongo(mongo_uri: str, essential_env: dict[str, str]) -> AsyncIterator[Any]:
+    from pymongo import AsyncMongoClient
+
+    client = AsyncMongoClient(mongo_uri, tz_aware=True)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="session")
+async def store(mongo: Any) -> Any:
+    from persistence.store import MongoSagaStore
+
+    store = MongoSagaStore(mongo, TEST_DB)
+    await store.ensure_indexes()
+    await mongo[JOBS_DB].effects.create_index("saga")
+    return store
+
+
+async def poll(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    """Await ``check()`` (sync or async) until truthy or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,126 @@
+"""Jobs built for the tests: each step records every run and its effect in MongoDB.
+
+``calls`` gets one document per attempt (to count runs across processes);
+``effects`` gets one per idempotency key under a unique index, so an effect
+recorded twice would fail loudly.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pydantic import BaseModel, Field
+from pymongo.errors import DuplicateKeyError
+
+from actors.participants import kafka_step
+from orchestration import Job, RetryPolicy, StepContext
+from persistence.connection import shared_client
+
+
+class Knobs(BaseModel):
+    fail_at: str | None = None
+    fail_times: int = Field(0, ge=0, description="fail the first N attempts of fail_at, then succeed")
+    sleep: dict[str, float] = Field(default_factory=dict, description="seconds a step sleeps")
+    block: dict[str, float] = Field(default_factory=dict, description="seconds a step blocks its event loop")
+    tag: str = ""
+
+
+def _db():
+    uri = os.environ["ESSENTIAL_MONGODB_URI"]
+    return shared_client(uri)[os.environ.get("ESSENTIAL_TEST_DB", "essential_testjobs")]
+
+
+async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
+    db = _db()
+    await db.calls.insert_one({"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "run"})
+    delay = ctx.payload.sleep.get(step, 0)
+    if delay:
+        await asyncio.sleep(delay)
+    if ctx.payload.block.get(step):
+        time.sleep(ctx.payload.block[step])  # deliberately ignores cancellation
+    if ctx.payload.fail_at == step:
+        if ctx.payload.fail_times == 0 or ctx.attempt <= ctx.payload.fail_times:
+            raise RuntimeError(f"injected failure in {step} (attempt {ctx.attempt})")
+    try:
+        await db.effects.insert_one({"_id": ctx.idempotency_key, "saga": ctx.saga_id, "step": step})
+    except DuplicateKeyError:
+        pass  # already applied by an earlier run of this stage
+    return {"step": step, "key": ctx.idempotency_key}
+
+
+async def _undo(ctx: StepContext[Knobs], step: str, result: dict | None) -> dict:
+    db = _db()
+    await db.calls.insert_one({"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "undo"})
+    delay = ctx.payload.sleep.get(f"undo_{step}", 0)
+    if delay:
+        await asyncio.sleep(delay)
+    removed = await db.effects.delete_one({"_id": ctx.idempotency_key})
+    return {"undone": step, "removed": removed.deleted_count}
+
+
+def _add_local(job: Job, step_name: str, *, timeout: float = 10.0, retry: RetryPolicy | None = None) -> None:
+    """A step (and its compensation) that records its runs and effect in the test database."""
+
+    async def run(ctx: StepContext[Knobs]) -> dict:
+        return await _behave(ctx, step_name)
+
+    async def undo(ctx: StepContext[Knobs], result: dict | None) -> dict:
+        return await _undo(ctx, step_name, result)
+
+    step = job.step(
+        bucket=f"test.{step_name}",
+        action="create",
+        name=step_name,
+        retry=retry or RetryPolicy(attempts=3, backoff=0.01),
+        timeout=timeout,
+    )(run)
+    step.compensation(undo)
+
+
+def _chain(
+    name: str, steps: list[str], *, timeout: float = 10.0, ttl: float = 60.0, retry: RetryPolicy | None = None
+) -> Job:
+    job: Job[Knobs] = Job(name, payload=Knobs, ttl=ttl)
+    for step_name in steps:
+        _add_local(job, step_name, timeout=timeout, retry=retry)
+    return job
+
+
+chain4 = _chain("test:chain", ["a", "b", "c", "d"])
+short_timeout = _chain("test:timeout", ["a", "b", "c"], timeout=0.5)
+# rides out a MongoDB outage: its steps keep retrying for about a minute
+patient = _chain("test:patient", ["a", "b", "c"], retry=RetryPolicy(attempts=40, backoff=0.2, max_backoff=2.0))
+
+
+# --------------------------------------------------------------------------- Kafka participants
+class RemoteKnobs(Knobs):
+    """What the example payment service (examples.participant_service) needs, plus its knobs."""
+
+    customer: str = "alice"
+    amount: int = Field(100, gt=0)
+    silent: bool = False
+    reply_delay_ms: int = 0
+
+
+def _payment(ctx: StepContext[RemoteKnobs]) -> dict:
+    p = ctx.payload
+    return {"customer": p.customer, "amount": p.amount, "memo": f"saga {ctx.saga_id}",
+            "silent": p.silent, "reply_delay_ms": p.reply_delay_ms}  # fmt: skip
+
+
+def _remote(name: str, *, topic: str, reply_timeout: float, compensate_timeout: float | None = None) -> Job:
+    """Local step a, the payment over Kafka, local step c."""
+    job: Job[RemoteKnobs] = Job(name, payload=RemoteKnobs, ttl=300)
+    _add_local(job, "a")
+    kafka_step(job, name="pay", bucket="financial.wallets", topic=topic, reply_timeout=reply_timeout,
+               compensate_timeout=compensate_timeout, build=_payment)  # fmt: skip
+    _add_local(job, "c")
+    return job
+
+
+PAYMENTS_TOPIC = "payments.commands"
+MANUAL_TOPIC = "test.manual.commands"  # nobody serves it: the test answers by hand
+remote = _remote("test:remote", topic=PAYMENTS_TOPIC, reply_timeout=90)
+remote_timeout = _remote("test:remote-timeout", topic=PAYMENTS_TOPIC, reply_timeout=2, compensate_timeout=60)
+remote_manual = _remote("test:remote-manual", topic=MANUAL_TOPIC, reply_timeout=240)
