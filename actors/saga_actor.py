@@ -1,4 +1,4 @@
-"""One Ray actor per live saga.
+"""One Ray actor per live saga (the default, "dedicated" placement).
 
 The actor is a thin host: the state machine is :class:`orchestration.SagaRunner`
 and the truth is in MongoDB.  Named ``saga:<id>`` in namespace ``essential`` so
@@ -6,17 +6,14 @@ operators find it in the dashboard, and so creating it twice is impossible.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 import ray
 
-from orchestration import LeaseLost, SagaRunner
+from orchestration import SagaRunner
 
-from .runtime import get_runtime
-
-log = logging.getLogger("essential.saga_actor")
+from .hosting import drive
 
 
 def actor_name(saga_id: str) -> str:
@@ -29,8 +26,8 @@ class SagaActor:
         self.saga_id = saga_id
         self.job = job
         self.settings = settings
-        self.runner: SagaRunner | None = None
-        self._pending_abort: str | None = None
+        self._runners: dict[str, SagaRunner] = {}
+        self._pending_aborts: dict[str, str] = {}
         self._started = False
 
     def __repr__(self) -> str:
@@ -42,31 +39,16 @@ class SagaActor:
         if self._started:
             return "already running"
         self._started = True
-        try:
-            runtime = await get_runtime(self.settings)
-            ctx = ray.get_runtime_context()
-            owner = f"{ctx.get_node_id()[:12]}:{os.getpid()}:{ctx.get_actor_id()}"
-            self.runner = SagaRunner(self.saga_id, store=runtime.store, registry=runtime.registry, owner=owner)
-            if self._pending_abort:
-                self.runner.request_abort(self._pending_abort)
-            try:
-                await self.runner.run()
-            finally:
-                await runtime.store.release(self.saga_id)
-        except LeaseLost as exc:
-            log.warning("%s", exc)
-        except Exception:
-            # Leave rather than linger: the supervisor restores the saga from its
-            # last checkpoint in a fresh actor (and parks it if that keeps failing).
-            log.exception("saga %s: runner failed; exiting for the supervisor to restore", self.saga_id)
+        await drive(self.saga_id, self.settings, self._runners, self._pending_aborts, where=actor_name(self.saga_id))
         ray.actor.exit_actor()
         return "exited"  # not reached: exit_actor raises
 
     async def abort(self, reason: str) -> None:
-        if self.runner is None:
-            self._pending_abort = reason
+        runner = self._runners.get(self.saga_id)
+        if runner is None:
+            self._pending_aborts[self.saga_id] = reason
         else:
-            self.runner.request_abort(reason)
+            runner.request_abort(reason)
 
     async def pid(self) -> int:
         return os.getpid()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -34,6 +35,12 @@ class Settings(BaseSettings):
     max_live_sagas: int = Field(
         32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
     )
+    placement: Literal["dedicated", "shared"] = Field(
+        "dedicated", description="dedicated: one actor per live saga; shared: sagas run in a pool of host actors"
+    )
+    shared_jobs: list[str] = Field(default_factory=list, description="jobs placed shared even when placement is dedicated")
+    host_pool_size: int = Field(4, ge=1, description="host actors of the shared placement")
+    max_shared_sagas: int = Field(5000, ge=1, description="sagas live at once across the shared hosts")
     supervisor_interval: float = Field(2.0, gt=0, description="seconds between supervisor sweeps")
     max_restore_attempts: int = Field(5, ge=1, description="restores without progress before a saga is parked")
     ttl_grace: float = Field(10.0, ge=0, description="seconds past TTL before a hung saga actor is killed")
@@ -103,7 +110,7 @@ class _CommaListEnv(EnvSettingsSource):
     """Accept ``a,b`` as well as JSON for list settings such as ESSENTIAL_JOB_MODULES."""
 
     def prepare_field_value(self, field_name, field, value, value_is_complex):  # type: ignore[no-untyped-def]
-        if field_name == "job_modules" and isinstance(value, str) and not value.lstrip().startswith("["):
+        if field_name in ("job_modules", "shared_jobs") and isinstance(value, str) and not value.lstrip().startswith("["):
             return [part.strip() for part in value.split(",") if part.strip()]
         return super().prepare_field_value(field_name, field, value, value_is_complex)
 

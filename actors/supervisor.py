@@ -27,8 +27,8 @@ from orchestration import (
 )
 from orchestration.states import TERMINAL_STATES
 
-from .runtime import Runtime, get_runtime
-from .saga_actor import SagaActor, actor_name
+from .placement import Placement
+from .runtime import Runtime, get_runtime, settings_from
 
 log = logging.getLogger("essential.supervisor")
 
@@ -45,7 +45,7 @@ class Supervisor:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
         self.clock = SystemClock()
-        self.live: set[str] = set()
+        self.placement = Placement(settings_from(settings), settings)
         self._loop_task: asyncio.Task | None = None
         self._runtime: Runtime | None = None
         self._sweeps = 0
@@ -76,8 +76,8 @@ class Supervisor:
         except EssentialError as exc:
             return error_envelope(exc)
         saga, created = await rt.store.create(saga, event)
-        if created and len(self.live) < rt.settings.max_live_sagas:
-            self._launch(saga.id, saga.job)
+        if created and self.placement.has_room(saga.job):
+            self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
     async def status(self, saga_id: str) -> dict[str, Any]:
@@ -118,10 +118,10 @@ class Supervisor:
         except EssentialError as exc:
             return error_envelope(exc)
         if saga.state not in TERMINAL_STATES:
-            if await asyncio.to_thread(self._alive, saga_id):
-                await self._notify_abort(saga_id, reason)
+            if saga_id in await self.placement.running({saga_id: saga.job}):
+                await self.placement.notify_abort(saga_id, saga.job, reason)
             elif saga.state != SagaState.PENDING:
-                self._launch(saga.id, saga.job)  # e.g. a parked saga resumed for compensation
+                self.placement.launch(saga.id, saga.job)  # e.g. a parked saga resumed for compensation
         return {"saga": saga.model_dump(mode="json")}
 
     async def list(self, state: str | None, job: str | None, limit: int) -> dict[str, Any]:
@@ -148,51 +148,18 @@ class Supervisor:
             "sweeps": self._sweeps,
             "last_sweep_at": self._last_sweep_at,
             "last_error": self._last_error,
-            "live": len(self.live),
+            "live": len(self.placement.live),
+            "live_dedicated": len(self.placement.dedicated),
+            "live_shared": len(self.placement.shared),
             "sweeping_at": where,
         }
 
     async def live_count(self) -> int:
-        return len(self.live)
+        return len(self.placement.live)
 
-    # -- actors --------------------------------------------------------------------------
-    def _launch(self, saga_id: str, job: str) -> None:
-        rt = self._runtime
-        assert rt is not None
-        try:
-            handle = SagaActor.options(
-                name=actor_name(saga_id),
-                namespace=rt.settings.namespace,
-                lifetime="detached",
-            ).remote(saga_id, job, self.settings)
-        except ValueError:  # the name is taken: an actor already drives this saga
-            self.live.add(saga_id)
-            return
-        handle.run.remote()
-        self.live.add(saga_id)
-
-    async def _notify_abort(self, saga_id: str, reason: str) -> None:
-        try:
-            handle = await asyncio.to_thread(ray.get_actor, actor_name(saga_id), self.settings_namespace)
-        except ValueError:
-            return  # not running: the abort flag in MongoDB is read when it resumes
-        try:
-            # a step that blocks its actor's event loop must not stall the supervisor
-            await asyncio.wait_for(handle.abort.remote(reason), timeout=2.0)
-        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-            pass
-
-    @property
-    def settings_namespace(self) -> str:
-        assert self._runtime is not None
-        return self._runtime.settings.namespace
-
-    def _alive(self, saga_id: str) -> bool:
-        try:
-            ray.get_actor(actor_name(saga_id), namespace=self.settings_namespace)
-            return True
-        except ValueError:
-            return False
+    async def hosts(self) -> list[dict[str, Any]]:
+        """Shared-placement host actors and how many sagas each holds."""
+        return await self.placement.host_stats()
 
     # -- the sweep ------------------------------------------------------------------------
     async def _sweep_forever(self) -> None:
@@ -210,15 +177,14 @@ class Supervisor:
     async def sweep(self) -> dict[str, int]:
         """One round: forget finished sagas, expire TTLs, restore orphans, admit pending, prune."""
         rt = await self._rt()
-        store, conf = rt.store, rt.settings
+        store, conf, place = rt.store, rt.settings, self.placement
         self._sweeps += 1
         counts = {"restored": 0, "expired": 0, "admitted": 0, "parked": 0, "killed": 0, "pruned": 0}
         active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES)}
         pending = await store.list_by_states([SagaState.PENDING], oldest_first=True)
         await self._forget_finished(set(active) | {s.id for s in pending})
         now = datetime.now(timezone.utc)
-        checks = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in active))
-        alive = {sid for sid, ok in zip(active, checks) if ok}
+        alive = await place.running({sid: s.job for sid, s in active.items()})
 
         for saga in active.values():
             if saga.deadline > now or saga.state != SagaState.RUNNING:
@@ -226,7 +192,7 @@ class Supervisor:
             if not saga.abort_requested:
                 reason = f"ttl of {saga.ttl:g}s expired"
                 await store.request_abort(saga.id, reason)
-                await self._notify_abort(saga.id, reason)
+                await place.notify_abort(saga.id, saga.job, reason)
                 counts["expired"] += 1
             elif (
                 saga.id in alive
@@ -234,50 +200,51 @@ class Supervisor:
                 and (now - saga.updatedAt).total_seconds() > conf.ttl_grace
                 and self._killed.get(saga.id) != saga.lease.epoch
             ):
-                # the step ignores cancellation (blocking code): replace the actor, once per lease
+                # the step ignores cancellation (blocking code): replace its actor, once per lease
                 self._killed[saga.id] = saga.lease.epoch
-                await asyncio.to_thread(self._kill, saga.id)
+                await asyncio.to_thread(place.replace, saga.id, saga.job)
                 alive.discard(saga.id)
                 counts["killed"] += 1
 
         for saga_id, saga in active.items():
             if saga_id in alive:
-                self.live.add(saga_id)
+                (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga_id)
                 continue
-            self.live.discard(saga_id)
-            if len(self.live) >= conf.max_live_sagas:
-                break
+            place.forget({saga_id})
+            if not place.has_room(saga.job):
+                continue
             if await store.note_restore(saga_id) > conf.max_restore_attempts:
                 await self._park(saga_id, f"restored {conf.max_restore_attempts} times without progress")
                 counts["parked"] += 1
                 continue
-            self._launch(saga_id, saga.job)
+            place.launch(saga_id, saga.job)
             counts["restored"] += 1
 
-        launched = [s.id for s in pending if s.id in self.live]
-        launched_alive = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in launched))
-        self.live -= {sid for sid, ok in zip(launched, launched_alive) if not ok}  # died before starting
+        waiting = {s.id: s.job for s in pending}
+        running = await place.running(waiting)
+        place.forget({sid for sid in waiting if sid not in running})  # launched, but died before starting
         for saga in pending:
-            if saga.id in self.live:
+            if saga.id in running:
+                (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga.id)
                 continue
-            if len(self.live) >= conf.max_live_sagas:
-                break
-            if not await asyncio.to_thread(self._alive, saga.id):
-                self._launch(saga.id, saga.job)
-                counts["admitted"] += 1
-            self.live.add(saga.id)
+            if not place.has_room(saga.job):
+                continue
+            place.launch(saga.id, saga.job)
+            counts["admitted"] += 1
 
         if self._sweeps % 30 == 1:
             counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))
-        counts["live"] = len(self.live)
+        counts["live"] = len(place.live)
         return counts
 
     async def _forget_finished(self, unfinished: set[str]) -> None:
-        """Drop sagas from the live set once they are finished *and* their actor has exited."""
-        done = [sid for sid in self.live if sid not in unfinished]
-        still = await asyncio.gather(*(asyncio.to_thread(self._alive, sid) for sid in done))
-        gone = {sid for sid, alive in zip(done, still) if not alive}
-        self.live -= gone
+        """Drop finished sagas from the live sets once nothing runs them any more."""
+        done = {sid for sid in self.placement.live if sid not in unfinished}
+        shared_done = done & self.placement.shared
+        dedicated_done = list(done - shared_done)
+        still = await self.placement.dedicated_running(dedicated_done)
+        gone = shared_done | {sid for sid in dedicated_done if sid not in still}
+        self.placement.forget(gone)
         for sid in gone:
             self._killed.pop(sid, None)
 
@@ -295,12 +262,6 @@ class Supervisor:
         await rt.store.release(saga_id)
         log.error("saga %s parked: %s", saga_id, reason)
 
-    def _kill(self, saga_id: str) -> None:
-        try:
-            ray.kill(ray.get_actor(actor_name(saga_id), namespace=self.settings_namespace), no_restart=True)
-        except ValueError:
-            pass
-
     async def resume(self, saga_id: str) -> dict[str, Any]:
         """Operator: give a parked saga another go from its last checkpoint."""
         rt = await self._rt()
@@ -308,5 +269,5 @@ class Supervisor:
             saga = await rt.store.resume(saga_id)
         except EssentialError as exc:
             return error_envelope(exc)
-        self._launch(saga.id, saga.job)
+        self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}

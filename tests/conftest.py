@@ -128,6 +128,37 @@ async def store(mongo: Any) -> Any:
     return store
 
 
+@pytest.fixture(scope="session")
+def deployment(ray_session: Any, settings: Any, mongo: Any) -> Iterator[Callable[..., Any]]:
+    """Another Essential deployment on the same Ray: its own namespace *and* database.
+
+    Two supervisors must never sweep one database: each would take the other's
+    sagas for orphans.  Returns ``make(name, **settings) -> (client, store)``.
+    """
+    import ray
+
+    from actors.client import EssentialClient
+    from persistence.store import MongoSagaStore
+
+    made: list[str] = []
+
+    async def make(name: str, **overrides: Any) -> tuple[Any, Any]:
+        conf = settings.model_copy(update={"namespace": name, "database": name, **overrides})
+        client = await asyncio.to_thread(EssentialClient, conf)
+        store = MongoSagaStore(mongo, name)
+        await store.ensure_indexes()
+        made.append(name)
+        return client, store
+
+    yield make
+    for name in made:  # the deployment's long-lived actors; saga actors have exited
+        for actor in ("essential:supervisor", *(f"essential:host:{i}" for i in range(8))):
+            try:
+                ray.kill(ray.get_actor(actor, namespace=name), no_restart=True)
+            except ValueError:
+                pass
+
+
 async def poll(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
     """Await ``check()`` (sync or async) until truthy or the deadline passes."""
     loop = asyncio.get_running_loop()

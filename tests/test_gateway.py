@@ -470,7 +470,14 @@ async def test_broker_restart_loses_nothing_committed_to_the_outbox(
         def published() -> bool:
             return wanted <= {headers(r)["event_id"] for r in after.records}
 
-        await poll(published, timeout=180, what="every unsent outbox event published after the restart")
+        try:
+            await poll(published, timeout=180, what="every unsent outbox event published after the restart")
+        except AssertionError:
+            print("DEBUG stats", await gateway.stats.remote())
+            print("DEBUG unsent now", await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None}))
+            print("DEBUG tap", len(after.records), Counter(r.topic for r in after.records))
+            print("DEBUG wanted", len(wanted), [ (d["topic"], d["n"], d.get("sent_at")) for d in unsent][:20])
+            raise
 
         async def all_marked() -> bool:
             return await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None}) == 0

@@ -12,7 +12,6 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from actors.client import EssentialClient
 from actors.settings import Settings
 from orchestration import LeaseLost, SagaRunner, SagaState, StartRequest, SystemClock, build_saga
 from orchestration.registry import JobRegistry
@@ -98,15 +97,16 @@ async def test_hung_step_past_ttl_is_aborted_by_the_supervisor(client: Any, stor
     await assert_consistent(store, mongo, saga_id)
 
 
-async def test_admission_keeps_live_saga_actors_under_the_limit(settings: Settings, client: Any, store: Any) -> None:
-    limited = settings.model_copy(update={"namespace": "essential_admission", "max_live_sagas": 4})
-    small = await call(EssentialClient, limited)
+async def test_admission_keeps_live_saga_actors_under_the_limit(deployment: Any) -> None:
+    small, store = await deployment("essential_admission", max_live_sagas=4)
     ids = await call(small.start_many, [{"job": "test:chain", "payload": {"sleep": {"b": 0.3}}}] * 40)
     peak = 0
 
     def alive_sagas() -> int:
         actors = list_actors(
-            filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", "essential_admission")], limit=1000
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("state", "=", "ALIVE"), ("ray_namespace", "=", "essential_admission")],
+            limit=1000,
         )
         return sum(1 for a in actors if (a.name or "").startswith("saga:"))
 
@@ -120,7 +120,6 @@ async def test_admission_keeps_live_saga_actors_under_the_limit(settings: Settin
 
     await poll(all_done, timeout=240, interval=0.2, what="40 admitted sagas to finish")
     assert 1 <= peak <= 4, f"saw {peak} live saga actors with a limit of 4"
-    ray.kill(ray.get_actor("essential:supervisor", namespace="essential_admission"), no_restart=True)
 
 
 async def test_mongodb_killed_and_restarted_in_mid_run(client: Any, store: Any, mongo: Any, mongo_server: Any) -> None:

@@ -1,0 +1,52 @@
+"""Driving one saga inside a Ray process: shared by dedicated actors and host actors."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from orchestration import LeaseLost, SagaRunner
+
+from .runtime import get_runtime
+
+log = logging.getLogger("essential.hosting")
+
+
+def owner_label(where: str) -> str:
+    """Lease owner: which node, process and actor drive the saga (shown by `essential status`)."""
+    ctx = ray.get_runtime_context()
+    return f"{where}@{ctx.get_node_id()[:12]}:{os.getpid()}"
+
+
+async def drive(
+    saga_id: str,
+    settings: dict[str, Any],
+    runners: dict[str, SagaRunner],
+    pending_aborts: dict[str, str],
+    where: str,
+) -> None:
+    """Run the saga to a terminal/parked state; never raise (the supervisor restores on failure).
+
+    ``runners`` lets the hosting actor forward aborts to the live runner;
+    ``pending_aborts`` holds aborts that arrived before the runner existed.
+    """
+    try:
+        runtime = await get_runtime(settings)
+        runner = SagaRunner(saga_id, store=runtime.store, registry=runtime.registry, owner=owner_label(where))
+        runners[saga_id] = runner  # from here on, abort() reaches the runner directly
+        if saga_id in pending_aborts:
+            runner.request_abort(pending_aborts.pop(saga_id))
+        try:
+            await runner.run()
+        finally:
+            await runtime.store.release(saga_id)
+    except LeaseLost as exc:
+        log.warning("%s", exc)
+    except Exception:
+        # Leave rather than linger: the supervisor restores the saga from its last
+        # checkpoint (and parks it if that keeps failing).
+        log.exception("saga %s: runner failed; the supervisor will restore it", saga_id)
+    finally:
+        runners.pop(saga_id, None)

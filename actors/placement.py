@@ -1,0 +1,165 @@
+"""Where a live saga runs: its own actor (dedicated, the default) or a shared host actor.
+
+The supervisor asks this module to launch, find, abort and replace sagas; it
+does not care which placement a job uses.  Shared placement is chosen globally
+(``ESSENTIAL_PLACEMENT=shared``) or per job (``ESSENTIAL_SHARED_JOBS``); a saga
+goes to host ``int(id) % pool``.  A host that dies is restarted by Ray (or
+recreated here), and the supervisor restores its sagas from their checkpoints.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+
+from .saga_actor import SagaActor, actor_name
+from .saga_host import SagaHost, host_name
+from .settings import Settings
+
+log = logging.getLogger("essential.placement")
+
+ABORT_NOTICE_TIMEOUT = 2.0
+
+
+class Placement:
+    def __init__(self, settings: Settings, actor_settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.actor_settings = actor_settings
+        self.dedicated: set[str] = set()
+        self.shared: set[str] = set()
+        self._hosts: dict[int, Any] = {}
+
+    # -- policy ----------------------------------------------------------------------
+    def is_shared(self, job: str) -> bool:
+        return self.settings.placement == "shared" or job in self.settings.shared_jobs
+
+    def has_room(self, job: str) -> bool:
+        if self.is_shared(job):
+            return len(self.shared) < self.settings.max_shared_sagas
+        return len(self.dedicated) < self.settings.max_live_sagas
+
+    @property
+    def live(self) -> set[str]:
+        return self.dedicated | self.shared
+
+    # -- actions ---------------------------------------------------------------------
+    def launch(self, saga_id: str, job: str) -> None:
+        if self.is_shared(job):
+            self._host_for(saga_id).run_saga.remote(saga_id)
+            self.shared.add(saga_id)
+            return
+        try:
+            handle = SagaActor.options(
+                name=actor_name(saga_id),
+                namespace=self.settings.namespace,
+                lifetime="detached",
+                scheduling_strategy="SPREAD",
+            ).remote(saga_id, job, self.actor_settings)
+        except ValueError:  # the name is taken: an actor already drives this saga
+            self.dedicated.add(saga_id)
+            return
+        handle.run.remote()
+        self.dedicated.add(saga_id)
+
+    async def notify_abort(self, saga_id: str, job: str, reason: str) -> None:
+        """Tell the runner now; the durable abort flag covers a runner that is not there."""
+        try:
+            if self.is_shared(job):
+                ref = self._host_for(saga_id).abort.remote(saga_id, reason)
+            else:
+                handle = await asyncio.to_thread(self._dedicated_handle, saga_id)
+                if handle is None:
+                    return
+                ref = handle.abort.remote(reason)
+            # a step that blocks its actor's event loop must not stall the caller
+            await asyncio.wait_for(ref, timeout=ABORT_NOTICE_TIMEOUT)
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            pass
+
+    def replace(self, saga_id: str, job: str) -> None:
+        """Kill whatever runs the saga (a step that ignores cancellation); it is then restored."""
+        if self.is_shared(job):
+            index = self._index_for(saga_id)
+            handle = self._hosts.pop(index, None)
+            if handle is not None:  # Ray restarts the host; its other sagas are restored
+                ray.kill(handle, no_restart=False)
+            return
+        handle = self._dedicated_handle(saga_id)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
+    def forget(self, saga_ids: set[str]) -> None:
+        self.dedicated -= saga_ids
+        self.shared -= saga_ids
+
+    # -- liveness --------------------------------------------------------------------
+    async def running(self, sagas: dict[str, str]) -> set[str]:
+        """Of ``{saga id: job}``, the ids that something is driving right now."""
+        shared = {sid for sid, job in sagas.items() if self.is_shared(job)}
+        dedicated = [sid for sid in sagas if sid not in shared]
+        alive: set[str] = set()
+        if shared:
+            hosted, silent = await self.hosted()
+            # a host that does not answer (busy, restarting) may still run its sagas: count
+            # them alive this round rather than start a second copy and burn restore attempts
+            alive |= {sid for sid in shared if sid in hosted or self._index_for(sid) in silent}
+        return alive | await self.dedicated_running(dedicated)
+
+    async def dedicated_running(self, saga_ids: list[str]) -> set[str]:
+        checks = await asyncio.gather(*(asyncio.to_thread(self._dedicated_alive, sid) for sid in saga_ids))
+        return {sid for sid, ok in zip(saga_ids, checks) if ok}
+
+    async def hosted(self) -> tuple[set[str], set[int]]:
+        """Every saga the hosts are running, and the indexes of hosts that did not answer."""
+        self.ensure_hosts()
+        indexes = list(self._hosts)
+        replies = await asyncio.gather(
+            *(asyncio.wait_for(self._hosts[i].sagas.remote(), 10) for i in indexes), return_exceptions=True
+        )
+        found: set[str] = set()
+        silent: set[int] = set()
+        for index, reply in zip(indexes, replies):
+            if isinstance(reply, asyncio.TimeoutError):
+                silent.add(index)
+            elif isinstance(reply, BaseException):  # gone for good: recreated on next use
+                log.warning("host %s failed (%s); recreating it", index, type(reply).__name__)
+                self._hosts.pop(index, None)
+                silent.add(index)
+            else:
+                found |= set(reply)
+        return found, silent
+
+    async def host_stats(self) -> list[dict[str, Any]]:
+        self.ensure_hosts()
+        replies = await asyncio.gather(*(h.stats.remote() for h in self._hosts.values()), return_exceptions=True)
+        return [r for r in replies if isinstance(r, dict)]
+
+    def _dedicated_handle(self, saga_id: str) -> Any:
+        try:
+            return ray.get_actor(actor_name(saga_id), namespace=self.settings.namespace)
+        except ValueError:
+            return None
+
+    def _dedicated_alive(self, saga_id: str) -> bool:
+        return self._dedicated_handle(saga_id) is not None
+
+    # -- the host pool ---------------------------------------------------------------
+    def ensure_hosts(self) -> None:
+        for index in range(self.settings.host_pool_size):
+            if index not in self._hosts:
+                self._hosts[index] = SagaHost.options(
+                    name=host_name(index),
+                    namespace=self.settings.namespace,
+                    lifetime="detached",
+                    get_if_exists=True,
+                    scheduling_strategy="SPREAD",
+                ).remote(index, self.actor_settings)
+
+    def _index_for(self, saga_id: str) -> int:
+        return int(saga_id, 16) % self.settings.host_pool_size
+
+    def _host_for(self, saga_id: str) -> Any:
+        self.ensure_hosts()
+        return self._hosts[self._index_for(saga_id)]
