@@ -16,7 +16,7 @@ from .errors import (
     UnknownJob,
 )
 from .models import Event, Lease, Saga, Stage, StageMeta, new_id
-from .ports import SagaStore
+from .ports import RunnerObserver, SagaStore
 from .registry import JobRegistry
 from .requests import StartRequest, build_saga
 from .runner import SagaRunner
@@ -25,7 +25,7 @@ from .states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, 
 __all__ = [
     "Action", "Clock", "EssentialError", "Event", "EventType", "IllegalTransition", "InvalidPayload",
     "InvalidRequest", "Job", "JobRegistry", "JobVersionMissing", "LIVE_STATES", "Lease", "LeaseLost",
-    "NO_RETRY", "RetryPolicy", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
+    "NO_RETRY", "RetryPolicy", "RunnerObserver", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
     "Stage", "StageMeta", "StageStatus", "StartRequest", "Step", "StepContext", "StepFailed",
     "SystemClock", "TERMINAL_STATES", "UnknownJob", "build_saga", "new_id",
 ]

@@ -45,3 +45,11 @@ class SagaStore(Protocol):
     async def list(
         self, *, state: SagaState | None = None, job: str | None = None, limit: int = 50
     ) -> list[Saga]: ...
+
+
+class RunnerObserver(Protocol):
+    """Hooks for metrics and logs; called after the matching checkpoint is durable."""
+
+    def stage_finished(self, saga: Saga, stage: Stage) -> None: ...
+
+    def state_changed(self, saga: Saga, state: SagaState) -> None: ...

@@ -24,7 +24,7 @@ from .compensation import compensation_plan, open_compensation
 from .dsl import Job, RetryPolicy, Step, StepContext
 from .errors import EssentialError, JobVersionMissing, StepFailed, StepTimeout
 from .models import Event, Saga, Stage, StageMeta
-from .ports import SagaStore
+from .ports import RunnerObserver, SagaStore
 from .registry import JobRegistry
 from .states import TERMINAL_STATES, Action, EventType, SagaState, StageStatus
 
@@ -60,8 +60,10 @@ class SagaRunner:
         registry: JobRegistry,
         owner: str,
         clock: Clock | None = None,
+        observer: RunnerObserver | None = None,
     ) -> None:
         self.saga_id = saga_id
+        self.observer = observer
         self.store = store
         self.registry = registry
         self.owner = owner
@@ -339,11 +341,15 @@ class SagaRunner:
         )
         await self.store.record_result(self._saga.id, self.epoch, stage, fields, [event])
         self._apply(fields)
+        if self.observer is not None:
+            self.observer.stage_finished(self._saga, stage)
 
     async def _transition(self, fields: dict[str, Any], events: list[Event]) -> None:
         fields = {**fields, "updatedAt": self.clock.now()}
         await self.store.transition(self._saga.id, self.epoch, fields, events)
         self._apply(fields)
+        if self.observer is not None and "state" in fields:
+            self.observer.state_changed(self._saga, SagaState(fields["state"]))
 
     async def _park(self, reason: str) -> None:
         log.error("saga %s parked: %s", self.saga_id, reason)
