@@ -9,6 +9,8 @@ import ray
 
 from orchestration import LeaseLost, SagaRunner
 
+from . import logs
+from .metrics import SagaMetrics
 from .runtime import get_runtime
 
 log = logging.getLogger("essential.hosting")
@@ -26,15 +28,26 @@ async def drive(
     runners: dict[str, SagaRunner],
     pending_aborts: dict[str, str],
     where: str,
+    *,
+    forward_metrics: bool = False,
 ) -> None:
     """Run the saga to a terminal/parked state; never raise (the supervisor restores on failure).
 
     ``runners`` lets the hosting actor forward aborts to the live runner;
     ``pending_aborts`` holds aborts that arrived before the runner existed.
+    ``forward_metrics``: a short-lived (dedicated) actor sends its metric points
+    to the ``essential:metrics`` actor and waits for them before returning.
     """
+    observer: SagaMetrics | None = None
+    logs.bind(saga=saga_id, where=where)  # this task's log context (each saga runs in its own task)
     try:
-        runtime = await get_runtime(settings)
-        runner = SagaRunner(saga_id, store=runtime.store, registry=runtime.registry, owner=owner_label(where))
+        runtime = await get_runtime(settings, ensure_indexes=False)
+        conf = runtime.settings
+        logs.configure(getattr(conf, "log_format", "kv"), getattr(conf, "log_level", "INFO"))
+        observer = SagaMetrics(forward=forward_metrics, namespace=conf.namespace, on_event=logs.saga_event)
+        runner = SagaRunner(
+            saga_id, store=runtime.store, registry=runtime.registry, owner=owner_label(where), observer=observer
+        )
         runners[saga_id] = runner  # from here on, abort() reaches the runner directly
         if saga_id in pending_aborts:
             runner.request_abort(pending_aborts.pop(saga_id))
@@ -50,3 +63,5 @@ async def drive(
         log.exception("saga %s: runner failed; the supervisor will restore it", saga_id)
     finally:
         runners.pop(saga_id, None)
+        if observer is not None:
+            await observer.flush()

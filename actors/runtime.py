@@ -34,7 +34,8 @@ def settings_from(data: dict[str, Any] | Settings | None) -> Settings:
     return Settings(**data) if data else Settings()
 
 
-async def get_runtime(settings: dict[str, Any] | Settings | None = None) -> Runtime:
+async def get_runtime(settings: dict[str, Any] | Settings | None = None, *, ensure_indexes: bool = True) -> Runtime:
+    """The process's runtime; saga processes pass ``ensure_indexes=False`` (the supervisor made them)."""
     resolved = settings_from(settings)
     key = (resolved.model_dump_json(), id(asyncio.get_running_loop()))
     runtime = _runtimes.get(key)
@@ -44,7 +45,7 @@ async def get_runtime(settings: dict[str, Any] | Settings | None = None) -> Runt
         registry = JobRegistry.from_modules(resolved.job_modules)
         runtime = Runtime(settings=resolved, registry=registry, store=store)
         _runtimes[key] = runtime
-    if key[0] not in _indexes_done:
+    if ensure_indexes and key[0] not in _indexes_done:
         await runtime.store.ensure_indexes()
         _indexes_done.add(key[0])
     return runtime

@@ -1,0 +1,86 @@
+"""The benchmark workload: the 4-step order saga of issue 7.
+
+Each step is one transactional MongoDB write keyed by the step's idempotency
+key (a ledger row plus a counter), like a real service; 10 % of the sagas fail
+at the last step, so three compensations run.
+"""
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+from pymongo.errors import DuplicateKeyError
+
+from orchestration import NO_RETRY, Job, StepContext, StepFailed
+from persistence.connection import shared_client
+
+BENCH_DB = "essential_bench_services"
+COUNTERS = 64  # spread counters so sagas do not all conflict on one document
+
+
+class OrderLoad(BaseModel):
+    fail_last: bool = False
+    hold_s: float = 0.0  # keep the saga alive (memory probe)
+
+
+def _db():
+    return shared_client(os.environ["ESSENTIAL_MONGODB_URI"])[BENCH_DB]
+
+
+async def _apply(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
+    key = f"{'undo:' if sign < 0 else ''}{ctx.idempotency_key}"
+    counter = int(ctx.saga_id, 16) % COUNTERS
+    db = _db()
+
+    async def txn(session) -> None:  # type: ignore[no-untyped-def]
+        await db.ledger.insert_one({"_id": key, "step": step}, session=session)
+        await db.counters.update_one({"_id": counter}, {"$inc": {step: sign}}, upsert=True, session=session)
+
+    try:
+        async with db.client.start_session() as session:
+            await session.with_transaction(txn)
+    except DuplicateKeyError:
+        pass  # applied by an earlier run of this stage
+    return {"step": step, "key": key}
+
+
+order = Job("bench:order", payload=OrderLoad, ttl=600)
+
+
+@order.step(bucket="bench.stock", action="update", retry=NO_RETRY)
+async def reserve(ctx: StepContext[OrderLoad]) -> dict:
+    if ctx.payload.hold_s:
+        await __import__("asyncio").sleep(ctx.payload.hold_s)
+    return await _apply(ctx, "reserve", 1)
+
+
+@reserve.compensation
+async def unreserve(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
+    return await _apply(ctx, "reserve", -1)
+
+
+@order.step(bucket="bench.wallets", action="update", retry=NO_RETRY)
+async def charge(ctx: StepContext[OrderLoad]) -> dict:
+    return await _apply(ctx, "charge", 1)
+
+
+@charge.compensation
+async def refund(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
+    return await _apply(ctx, "charge", -1)
+
+
+@order.step(bucket="bench.invoices", action="create", retry=NO_RETRY)
+async def invoice(ctx: StepContext[OrderLoad]) -> dict:
+    return await _apply(ctx, "invoice", 1)
+
+
+@invoice.compensation
+async def void(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
+    return await _apply(ctx, "invoice", -1)
+
+
+@order.step(bucket="bench.orders", action="update", retry=NO_RETRY)
+async def confirm(ctx: StepContext[OrderLoad]) -> dict:
+    if ctx.payload.fail_last:
+        raise StepFailed("confirmation refused (injected: 10 % of the load)")
+    return await _apply(ctx, "confirm", 1)
