@@ -20,6 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.saga_bench
+
 up: $(STAMP)
 	$(BIN)/essential up
 

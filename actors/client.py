@@ -6,6 +6,7 @@ creates if missing.  Errors come back typed (``UnknownJob``, ``InvalidPayload``,
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -16,23 +17,83 @@ from orchestration.errors import rebuild_error
 from .loopback import LOOPBACK, bind_ray_to_loopback
 from .settings import Settings, get_settings
 from .supervisor import SUPERVISOR_NAME, Supervisor
+from .tracing import current_traceparent
 
+
+CLIENT_SESSION_ATTEMPTS = 3  # ray:// connections whose session the server failed to start
 
 
 def connect_ray(settings: Settings, address: str | None = None) -> None:
     """Join the configured cluster (or the local stack's head) unless already connected.
 
-    The environment variable keeps Ray from replacing 127.0.0.1 with the
-    machine's external address on Linux (Ray 2.60 resolves loopback away).
+    ``address`` (else ``ESSENTIAL_RAY_ADDRESS``, else Ray's own ``RAY_ADDRESS``,
+    which Ray Jobs set for their entrypoint) may be a GCS address
+    (``host:port``), a Ray Client address (``ray://host:port``) or ``auto``;
+    with none, a local Ray is started.
+
+    Loopback: for no address or a 127.0.0.1/localhost one, every Ray process
+    this driver talks to must stay on 127.0.0.1 (Ray 2.60 on Linux otherwise
+    replaces it with the machine's external address); a remote address is left
+    alone, so the same code joins a real cluster from one of its nodes.
+
+    Token authentication (on by default in Ray 2.60): both sides must agree.
+    An explicit ``RAY_AUTH_MODE`` is obeyed; otherwise, when joining an
+    existing cluster and a token is at hand (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), token mode is turned on
+    for this process, since a cluster's token is only handed to its clients.
     """
     if ray.is_initialized():
         return
-    target = address or settings.ray_address
-    kwargs: dict[str, Any] = {"namespace": settings.namespace, "log_to_driver": False}
-    if target is None or target.startswith(("127.", "localhost")):
+    target = address or settings.ray_address or os.environ.get("RAY_ADDRESS") or None
+    client_mode = bool(target) and target.startswith("ray://")
+    kwargs: dict[str, Any] = {"namespace": settings.namespace}
+    if not client_mode:
+        kwargs["log_to_driver"] = False
+    if target is None or _is_loopback(target):
         bind_ray_to_loopback()
-        kwargs["_node_ip_address"] = LOOPBACK
-    ray.init(address=target, **kwargs)
+        if not client_mode:
+            kwargs["_node_ip_address"] = LOOPBACK
+    if target is not None:
+        _agree_on_token_auth()
+    try:
+        for attempt in range(1, CLIENT_SESSION_ATTEMPTS + 1):
+            try:
+                ray.init(address=target, **kwargs)
+                break
+            except ConnectionAbortedError:
+                # The client server could not start this client's session process (seen under
+                # load: it exits at once, and nothing was created); a new connection gets a new one.
+                if not client_mode or attempt == CLIENT_SESSION_ATTEMPTS:
+                    raise
+    except ConnectionError as exc:
+        if not client_mode:
+            raise
+        raise ConnectionError(
+            f"could not reach the Ray Client server at {target}: {exc}. Check the address and port "
+            f"(the head's --ray-client-server-port, 10001 by default) and that this machine has the "
+            f"cluster's token: RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it); "
+            f"RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE', 'unset')!r} here"
+        ) from exc
+
+
+def _is_loopback(address: str) -> bool:
+    """``127.0.0.1:6379``, ``ray://localhost:10001``, ``[::1]:6379`` ... (``auto`` is not: its node may be any IP)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _agree_on_token_auth() -> None:
+    """Turn on Ray's token mode for this process when a token is available and no mode was chosen."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # an explicit choice, "token" or "disabled", always wins
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"  # also for the processes this driver starts
+    Config.initialize("")  # what Ray does itself: re-read the mode from the environment
 
 
 def get_supervisor(settings: Settings) -> Any:
@@ -89,7 +150,7 @@ class EssentialClient:
             "ttl": ttl,
             "idempotency_key": idempotency_key,
             "correlation_id": correlation_id,
-            "traceparent": traceparent,
+            "traceparent": traceparent or current_traceparent(),  # the caller's OpenTelemetry span, if any
         }
         reply = _unwrap(ray.get(self.supervisor.start.remote(request)))
         return reply["saga"]["id"]
@@ -132,3 +193,20 @@ class EssentialClient:
     def states(self, saga_ids: list[str]) -> dict[str, str]:
         """State of many sagas at once: ``{id: state}``."""
         return ray.get(self.supervisor.states.remote(saga_ids))
+
+    def signal(self, saga_id: str, name: str, payload: Any = None, *, key: str | None = None) -> Saga:
+        """Deliver the signal ``name`` (an approval, a callback) to a saga; stored durably first.
+
+        The saga need not be waiting yet, nor have an actor: a ``wait_for`` step
+        consumes it when it gets there.  A repeated ``key`` is delivered once.
+        Raises ``SagaNotFound``, ``IllegalTransition`` (the saga has ended) or ``InvalidRequest``.
+        """
+        return Saga.model_validate(_unwrap(ray.get(self.supervisor.signal.remote(saga_id, name, payload, key)))["saga"])
+
+    # -- issue 5: recorded sagas (additive) ------------------------------------------------------
+    @property
+    def recorded(self) -> Any:
+        """The platform's start / add / commit / abort API: :class:`actors.recorded.RecordedClient`."""
+        from .recorded import RecordedClient
+
+        return RecordedClient(self.supervisor)

@@ -35,6 +35,7 @@ from .kafka_commands import (
     AbortCommand,
     CommitCommand,
     Rejection,
+    SignalCommand,
     StartCommand,
     parse_command,
 )
@@ -121,13 +122,19 @@ class CommandHandler:
         log.info("command %s dead-lettered (%s): %s", key, rejection.code, rejection.reason)
 
     async def _apply(
-        self, command: StartCommand | AbortCommand | CommitCommand, msg: ConsumerRecord, key: str
+        self, command: StartCommand | AbortCommand | CommitCommand | SignalCommand, msg: ConsumerRecord, key: str
     ) -> str | Rejection:
         """The saga id the command applied to, or why it was rejected."""
-        if isinstance(command, CommitCommand):
-            return Rejection(UNSUPPORTED, COMMIT_UNSUPPORTED)
         supervisor = await self.supervisor()
-        if isinstance(command, AbortCommand):
+        if isinstance(command, CommitCommand) or command.type.startswith("recorded."):  # issue 5: recorded sagas
+            from .recorded import apply_kafka_command
+
+            return await apply_kafka_command(
+                supervisor, command, key, correlation_id=header(msg, "correlation_id"), traceparent=header(msg, "traceparent")
+            )
+        if isinstance(command, SignalCommand):  # stored durably by the supervisor; a redelivery is deduped by key
+            reply = await supervisor.signal.remote(command.saga, command.name, command.payload, command.key or key)
+        elif isinstance(command, AbortCommand):
             reply = await supervisor.abort.remote(command.saga, command.reason)
         else:
             request = {

@@ -14,6 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from . import metrics
 from .kafka_commands import Rejection
 
 MAX_REASON = 2000
@@ -52,4 +53,6 @@ async def dead_letter(
     if value is not None and len(value) > max_value_bytes:
         value = value[:max_value_bytes]
         headers.append(("dlq.truncated", f"{len(msg.value)} bytes cut to {max_value_bytes}".encode()))
-    return await producer.send_and_wait(topic, value=value, key=msg.key, headers=headers)
+    sent = await producer.send_and_wait(topic, value=value, key=msg.key, headers=headers)
+    metrics.dead_lettered(msg.topic, rejection.code)
+    return sent

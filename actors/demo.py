@@ -3,7 +3,11 @@
 Starts the local stack (embedded MongoDB and Kafka, a Ray head with dashboard),
 seeds the example services, runs a mixed batch of every example job with
 injected failures (a failing last step, a crash after an effect, an abort in
-mid-saga, a TTL expiry, a declined payment), shows progress, prints a summary
+mid-saga, a TTL expiry, a declined payment retried by a durable timer), and the
+flows beyond a chain (shipments booked in parallel, transfers that lock their
+wallets, identity reviews approved or rejected by a signal the demo sends while
+the saga waits without an actor, an order shipping through a child saga),
+shows progress, prints a summary
 and checks the data invariants itself: every compensated saga must leave stock
 and money exactly as it found them.
 """
@@ -55,6 +59,8 @@ class Planned:
     ttl: float | None = None
     abort: bool = False
     saga_id: str = ""
+    #: a signal the demo delivers once the saga waits for it: (name, payload)
+    signal: tuple[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -66,7 +72,7 @@ class Outcome:
 
 
 def plan_batch(per_job: int) -> list[Planned]:
-    from examples.data import DEMO_BROKE, sample_payload
+    from examples.data import DEMO_BROKE, DEMO_ROUTES, sample_payload
 
     batch: list[Planned] = []
     for job in LATE_FAILURE:
@@ -76,6 +82,9 @@ def plan_batch(per_job: int) -> list[Planned]:
             if i == 0:
                 item.payload["fail_at"] = LATE_FAILURE[job]
                 item.scenario = f"{LATE_FAILURE[job]} fails"
+                if job == "order:fulfillment":  # its shipment child saga is compensated with it
+                    item.payload["ship"] = {"route": DEMO_ROUTES[0], "volume": 10}
+                    item.scenario += " → shipment (child saga) compensated"
             elif i == 1:
                 item.payload["crash_after"] = CRASH_AFTER[job]
                 item.scenario = f"crash after {CRASH_AFTER[job]}"
@@ -88,8 +97,24 @@ def plan_batch(per_job: int) -> list[Planned]:
                 item.ttl = 2.0
                 item.scenario = "ttl expires"
             elif i == 3 and job == "payment:subscription":
-                item.payload.update(user_id=DEMO_BROKE, wallet=DEMO_BROKE)
-                item.scenario = "card declined → retry scheduled"
+                # declined; charged again twice, a second apart (durable timer), then billing retries
+                item.payload.update(user_id=DEMO_BROKE, wallet=DEMO_BROKE, retries=2, retry_in_hours=1 / 3600)
+                item.scenario = "card declined → 2 retries (durable timer) → retry scheduled"
+            elif i in (3, 4) and job == "user:onboarding":
+                item.payload["verify_identity"] = True
+                approved = i == 3
+                decision = {"approved": approved, "by": "demo-reviewer"}
+                if not approved:
+                    decision["reason"] = "document photo does not match"
+                item.signal = ("identity.verified", decision)
+                item.scenario = f"identity review (signal): {'approved' if approved else 'rejected'}"
+            elif i == 4 and job == "order:fulfillment":
+                item.payload["ship"] = {"route": DEMO_ROUTES[1], "volume": 10}
+                item.scenario = "ships the goods (child saga)"
+            elif i == 4 and job == "bank:transfer" and batch and batch[-1].job == job:
+                # the same two wallets as the transfer before it: the two take turns (bucket lock)
+                item.payload.update(source=batch[-1].payload["source"], target=batch[-1].payload["target"])
+                item.scenario = "same wallets as the previous transfer (lock)"
             batch.append(item)
     return batch
 
@@ -190,6 +215,7 @@ def _start_gateway(settings: Settings) -> None:
 def _follow(client: Any, batch: list[Planned]) -> None:
     """Progress bars per job; aborts the 'aborted in mid-saga' ones once they are running."""
     to_abort = {p.saga_id for p in batch if p.abort}
+    to_signal = {p.saga_id: p.signal for p in batch if p.signal is not None}
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
         tasks = {job: progress.add_task(job, total=sum(p.job == job for p in batch), note="") for job in LATE_FAILURE}
@@ -200,6 +226,10 @@ def _follow(client: Any, batch: list[Planned]) -> None:
                 if states.get(saga_id) == "running":
                     client.abort(saga_id, "customer cancelled (demo)")
                     to_abort.discard(saga_id)
+            for saga_id, (name, data) in list(to_signal.items()):
+                if states.get(saga_id) == "waiting":  # parked without an actor until the decision comes
+                    client.signal(saga_id, name, data, key=f"demo-{saga_id}")
+                    del to_signal[saga_id]
             done = Counter()
             notes: dict[str, Counter] = defaultdict(Counter)
             for p in batch:

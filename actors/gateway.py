@@ -10,12 +10,15 @@ runs, on one event loop and one producer:
 * two relays (:mod:`actors.outbox_relay`): lifecycle events from ``outbox`` and
   participant commands from ``command_outbox``;
 * housekeeping: topics recreated when they vanish (the dev broker keeps them in
-  memory only), sent rows and old command-log entries pruned.
+  memory only), a broker that lost acknowledged messages noticed and those
+  re-published (:mod:`actors.broker_watch`), sent rows and old command-log
+  entries pruned.
 
 It starts its work in ``__init__``, so a gateway that Ray restarts after a crash
 (``max_restarts=-1``) resumes on its own.  Several gateways (distinct names)
-may run: they share the command partitions through one consumer group, and the
-relays split the outbox through leased claims.
+may run: they share the command partitions through one consumer group; each
+outbox collection is relayed by one of them at a time (a lease in MongoDB), the
+others standing by.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ from persistence.connection import shared_client
 from persistence.inbox import CommandLog
 from persistence.outbox import OutboxQueue, utcnow
 
+from .broker_watch import BrokerWatch, canary_topic
 from .command_handler import CommandHandler
 from .embedded_kafka import ensure_topics
-from .kafka_config import admin_kwargs, gateway_topics, producer_kwargs
+from .kafka_config import admin_kwargs, gateway_topics, producer_kwargs, watch_restarts
 from .kafka_consumer import ConsumerLoop, backoff
 from .outbox_relay import Relay
 from .reply_handler import ReplyHandler
@@ -64,7 +68,9 @@ class GatewayService:
         self.commands: CommandHandler | None = None
         self.replies: ReplyHandler | None = None
         self.loops: list[ConsumerLoop] = []
+        self.watch: BrokerWatch | None = None
         self.topic_errors = 0
+        self._check_lock = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -82,9 +88,18 @@ class GatewayService:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self._hand_over()
         finally:
             if self.producer is not None:
                 await self.producer.stop()
+
+    async def _hand_over(self) -> None:
+        """On a clean stop, let a standby gateway take the relays over at once."""
+        for relay in self.relays.values():
+            try:
+                await relay.queue.release_lease()
+            except Exception:  # noqa: BLE001 - the lease then simply expires
+                pass
 
     async def _start(self) -> None:
         attempt = 0
@@ -109,10 +124,6 @@ class GatewayService:
         commands = OutboxQueue(db[command_outbox.COLLECTION], self.owner)
         for queue in (events, commands):
             await queue.ensure_indexes()
-            released = await queue.release_all()  # claims of this gateway's previous life
-            if released:
-                log.info("gateway %s: took back %d claimed rows of %s", self.owner, released,
-                         queue.collection.name)  # fmt: skip
         await command_outbox.ensure_indexes(db)
         await inbox.ensure_indexes(db)
 
@@ -127,8 +138,11 @@ class GatewayService:
 
     def _build(self, db: AsyncDatabase, producer: AIOKafkaProducer) -> None:
         conf = self.settings
-        relay = {"batch_size": conf.relay_batch_size, "lease": conf.relay_claim_seconds,
-                 "poll_interval": conf.relay_poll_interval}  # fmt: skip
+        if watch_restarts(conf):
+            self.watch = BrokerWatch(producer, self.owner)
+        relay = {"batch_size": conf.relay_batch_size, "lease": conf.relay_lease_seconds,
+                 "poll_interval": conf.relay_poll_interval, "watch": self.watch,
+                 "before_resume": self._check_broker if self.watch else None}  # fmt: skip
         self.relays = {
             "events": Relay(OutboxQueue(db["outbox"], self.owner), producer, name="events", **relay),
             "commands": Relay(
@@ -149,9 +163,10 @@ class GatewayService:
     # -- housekeeping ------------------------------------------------------------------------
     async def _ensure_topics(self) -> None:
         if self.settings.kafka_create_topics:
+            canary = [canary_topic(self.owner)] if watch_restarts(self.settings) else []
             await ensure_topics(
                 self.settings.kafka_bootstrap,
-                gateway_topics(self.settings),
+                gateway_topics(self.settings) + canary,
                 partitions=self.settings.kafka_partitions,
                 timeout=self.settings.kafka_request_timeout,
                 **admin_kwargs(self.settings),
@@ -164,6 +179,7 @@ class GatewayService:
             rounds += 1
             try:
                 await self._ensure_topics()
+                await self._check_broker()
             except Exception as exc:  # noqa: BLE001 - Kafka away: the relays report it too
                 self.topic_errors += 1
                 log.debug("gateway %s: topic check failed: %s", self.owner, exc)
@@ -172,6 +188,25 @@ class GatewayService:
                     await self._prune()
                 except Exception:  # noqa: BLE001 - pruning is best effort
                     log.exception("gateway %s: pruning failed", self.owner)
+
+    async def _check_broker(self) -> None:
+        """If the broker lost its log, recreate the topics and re-publish what may have been lost.
+
+        Raises while Kafka is unreachable.  Called by housekeeping and by a relay
+        before it resumes after a failure; one check at a time.
+        """
+        if self.watch is None:
+            return
+        async with self._check_lock:
+            since = await self.watch.check()
+            if since is None:
+                return
+            await self._ensure_topics()
+            for relay in self.relays.values():
+                rewound = await relay.queue.rewind(since)
+                log.warning("gateway %s: re-publishing %d rows of %s", self.owner, rewound,
+                            relay.queue.collection.name)  # fmt: skip
+                relay.wake()
 
     async def _prune(self) -> None:
         assert self.db is not None
@@ -186,9 +221,14 @@ class GatewayService:
         for name, relay in self.relays.items():
             try:
                 pending: int | None = await relay.queue.pending()
+                refused: int | None = await relay.queue.refused()
             except Exception:  # noqa: BLE001 - stats must answer while MongoDB is away
-                pending = None
-            relays[name] = {**relay.counts, "pending": pending, "last_error": relay.last_error}
+                pending = refused = None
+            relays[name] = {
+                **relay.counts, "active": relay.active, "pending": pending, "refused_rows": refused,
+                "last_error": relay.last_error,
+                "seconds": {k: round(v, 3) for k, v in relay.seconds.items()},
+            }  # fmt: skip
         return {
             "owner": self.owner,
             "pid": os.getpid(),
@@ -196,8 +236,12 @@ class GatewayService:
             "relay": relays,
             "commands": dict(self.commands.counts) if self.commands else {},
             "replies": dict(self.replies.counts) if self.replies else {},
-            "consumers": {loop.name: {"restarts": loop.restarts, "retries": loop.retries} for loop in self.loops},
+            "consumers": {
+                loop.name: {"partitions": loop.assignment(), "restarts": loop.restarts, "retries": loop.retries}
+                for loop in self.loops
+            },
             "topic_errors": self.topic_errors,
+            "broker_losses": self.watch.losses if self.watch else None,
         }
 
 
@@ -207,7 +251,17 @@ class Gateway:
         self.name = name
         resolved = settings_from(settings)
         self.service = GatewayService(resolved, owner=f"{resolved.namespace}/{name}")
-        self._task = asyncio.get_running_loop().create_task(self.service.run())
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Crash-only: if the work ever stops on an error, end the process and let Ray restart the actor."""
+        try:
+            await self.service.run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("gateway %s failed; exiting for Ray to restart it", self.name)
+            os._exit(1)
 
     def __repr__(self) -> str:
         return f"Gateway({self.name})"
@@ -226,11 +280,12 @@ class Gateway:
     async def pid(self) -> int:
         return os.getpid()
 
-    async def stop(self) -> None:
-        """Finish cleanly (leave the consumer group, close the producer) and leave the cluster."""
+    async def stop(self) -> bool:
+        """Stop working cleanly: leave the consumer groups at once (no wait for a session timeout), close
+        the producer.  The actor stays; end it with ``ray.kill(handle, no_restart=True)`` afterwards."""
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        ray.actor.exit_actor()
+        return True
 
 
 def ensure_gateway(settings: Settings, *, name: str = GATEWAY_NAME) -> Any:

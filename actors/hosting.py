@@ -45,6 +45,13 @@ async def drive(
         conf = runtime.settings
         logs.configure(getattr(conf, "log_format", "kv"), getattr(conf, "log_level", "INFO"))
         observer = SagaMetrics(forward=forward_metrics, namespace=conf.namespace, on_event=logs.saga_event)
+        observer.prepare()
+        # issue 5: a recorded saga (start/add/commit/abort) is hosted by actors.recorded, not the job runner
+        from .recorded import drive_recorded, is_recorded
+
+        if await is_recorded(runtime, saga_id):
+            await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
+            return
         runner = SagaRunner(
             saga_id, store=runtime.store, registry=runtime.registry, owner=owner_label(where), observer=observer
         )

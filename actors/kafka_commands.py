@@ -6,6 +6,20 @@ Wire format: one JSON object per message, ``schema`` 1, discriminated by ``type`
      "ttl": 300, "idempotency_key": "order-42", "correlation_id": "c-1"}
     {"schema": 1, "type": "abort", "saga": "<24 hex>", "reason": "customer cancelled"}
     {"schema": 1, "type": "commit", "saga": "<24 hex>"}
+    {"schema": 1, "type": "signal", "saga": "<24 hex>", "name": "identity.verified",
+     "payload": {"approved": true}, "key": "review-7"}
+
+Recorded sagas (the service does its own writes and reports them; Essential undoes
+them on abort or TTL expiry), in order on one partition - key them by saga id::
+
+    {"schema": 1, "type": "recorded.start", "ttl": 60, "id": "<24 hex, chosen by the service>",
+     "job": "order:checkout", "correlation_id": "c-1"}
+    {"schema": 1, "type": "recorded.add", "saga": "<24 hex>", "bucket": "shop.orders",
+     "action": "INSERT_MANY", "req": {...}, "res": {"insertedIds": [{"$oid": "..."}]}, "key": "op-1"}
+    {"schema": 1, "type": "commit", "saga": "<24 hex>"}      (or "abort")
+
+``req``/``res``/``meta`` may use MongoDB Extended JSON (``{"$oid": ...}``, ``{"$date": ...}``)
+so the documents Essential restores keep their BSON types.
 
 ``correlation_id`` and ``traceparent`` may also come as message headers.  The
 content is only ever parsed as JSON and validated; nothing in it is unpickled,
@@ -52,7 +66,49 @@ class CommitCommand(_Command):
     correlation_id: Text | None = None
 
 
-Command = Annotated[Union[StartCommand, AbortCommand, CommitCommand], Field(discriminator="type")]
+class SignalCommand(_Command):
+    """Deliver a signal to a saga (an approval, a callback); ``key`` (default: the message's identity) dedupes."""
+
+    type: Literal["signal"]
+    saga: SagaId
+    name: Text
+    payload: Any = None
+    key: Text | None = None
+    correlation_id: Text | None = None
+
+
+# -- issue 5: recorded sagas ---------------------------------------------------------------------
+class RecordedStartCommand(_Command):
+    """Open a recorded saga; an ``id`` chosen by the service lets it add stages at once (a redelivery
+    with the same id returns the same saga)."""
+
+    type: Literal["recorded.start"]
+    ttl: float = Field(gt=0)
+    job: Text | None = None
+    id: SagaId | None = None
+    idempotency_key: Text | None = None
+    correlation_id: Text | None = None
+    traceparent: Text | None = None
+
+
+class RecordedAddCommand(_Command):
+    """Record a stage the service performed; ``key`` (default: the message's identity) dedupes."""
+
+    type: Literal["recorded.add"]
+    saga: SagaId
+    bucket: Text
+    action: Text
+    req: Any = None
+    res: Any = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+    key: Text | None = None
+    correlation_id: Text | None = None
+
+
+Command = Annotated[
+    Union[StartCommand, AbortCommand, CommitCommand, SignalCommand, RecordedStartCommand, RecordedAddCommand],
+    Field(discriminator="type"),
+]
 _COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 
 
@@ -75,7 +131,11 @@ UNSUPPORTED = "unsupported"
 GATEWAY_ERROR = "gateway_error"
 
 
-def parse_command(value: bytes | None, max_bytes: int) -> StartCommand | AbortCommand | CommitCommand | Rejection:
+def parse_command(
+    value: bytes | None, max_bytes: int
+) -> (
+    StartCommand | AbortCommand | CommitCommand | SignalCommand | RecordedStartCommand | RecordedAddCommand | Rejection
+):
     """Size check, then JSON, then the schema; never raises for bad input."""
     size = len(value or b"")
     if size > max_bytes:

@@ -41,6 +41,13 @@ def use_idempotence(settings: Settings) -> bool:
     return not bootstrap_is_loopback(settings.kafka_bootstrap)
 
 
+def watch_restarts(settings: Settings) -> bool:
+    """Whether the gateway checks that the broker kept its log (on by default for a loopback broker)."""
+    if settings.kafka_watch_restarts is not None:
+        return settings.kafka_watch_restarts
+    return bootstrap_is_loopback(settings.kafka_bootstrap)
+
+
 def client_kwargs(settings: Settings) -> dict[str, Any]:
     """Bootstrap and security options shared by producers, consumers and the admin client."""
     kwargs: dict[str, Any] = {

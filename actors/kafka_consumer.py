@@ -53,18 +53,18 @@ class ConsumerLoop:
         self.handler = handler
         self.on_poison = on_poison
         self.name = name
-        self.started = asyncio.Event()
         self.restarts = 0
         self.retries = 0
+        self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
         """Consume until cancelled, recreating the consumer after failures."""
         attempt = 0
         while True:
             consumer = AIOKafkaConsumer(self.topic, **consumer_kwargs(self.settings, self.group))
+            self._consumer = consumer
             try:
                 await consumer.start()
-                self.started.set()
                 attempt = 0
                 while True:
                     batches = await consumer.getmany(timeout_ms=500, max_records=200)
@@ -83,6 +83,11 @@ class ConsumerLoop:
                     await consumer.stop()
                 except Exception:  # noqa: BLE001 - stopping a broken consumer
                     pass
+
+    def assignment(self) -> list[int]:
+        """Partitions this consumer holds now (empty while the group rebalances)."""
+        consumer = self._consumer
+        return sorted(tp.partition for tp in consumer.assignment()) if consumer is not None else []
 
     async def _partition(self, consumer: AIOKafkaConsumer, tp: TopicPartition, msgs: list[ConsumerRecord]) -> None:
         for msg in msgs:

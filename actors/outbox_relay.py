@@ -18,20 +18,25 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError, RecordTooLargeError
 
 from persistence.outbox import OutboxQueue
 
+from .broker_watch import BrokerWatch
 from .kafka_consumer import backoff
 
 log = logging.getLogger("essential.gateway.relay")
 
 Row = dict[str, Any]
+#: errors that mean Kafka will never take this message, however often it is sent
+REFUSED = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTopicError)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -92,20 +97,31 @@ def plan_waves(rows: Iterable[Row]) -> list[list[Row]]:
     return [[row for saga_runs in runs if i < len(saga_runs) for row in saga_runs[i]] for i in range(depth)]
 
 
-async def publish_in_waves(producer: AIOKafkaProducer, rows: list[Row], acked: list[Any]) -> None:
-    """Publish ``rows`` wave by wave, appending each acknowledged row id to ``acked``; raise on failure."""
+async def publish_in_waves(
+    producer: AIOKafkaProducer, rows: list[Row], acked: list[Any], refused: dict[Any, str]
+) -> None:
+    """Publish ``rows`` wave by wave, appending each acknowledged row id to ``acked``; raise on failure.
+
+    A row Kafka can never take (:data:`REFUSED`) goes to ``refused`` instead of
+    failing the batch: one bad row must not stop every saga's events.
+    """
     for wave in plan_waves(rows):
         sent: list[tuple[Row, asyncio.Future[Any]]] = []
         error: BaseException | None = None
-        try:
-            for row in wave:
+        for row in wave:
+            try:
                 key, value, headers = encode(row)
                 sent.append((row, await producer.send(row["topic"], value=value, key=key, headers=headers)))
-        except Exception as exc:  # noqa: BLE001 - gather what was sent, then report
-            error = exc
+            except REFUSED as exc:
+                refused[row["_id"]] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - gather what was sent, then report
+                error = exc
+                break
         results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
         for (row, _), result in zip(sent, results):
-            if isinstance(result, BaseException):
+            if isinstance(result, REFUSED):
+                refused[row["_id"]] = f"{type(result).__name__}: {result}"
+            elif isinstance(result, BaseException):
                 error = error or result
             else:
                 acked.append(row["_id"])
@@ -114,7 +130,7 @@ async def publish_in_waves(producer: AIOKafkaProducer, rows: list[Row], acked: l
 
 
 class Relay:
-    """Relays one outbox collection until cancelled."""
+    """Relays one outbox collection until cancelled, while it holds the collection's relay lease."""
 
     def __init__(
         self,
@@ -125,14 +141,20 @@ class Relay:
         batch_size: int,
         lease: float,
         poll_interval: float,
+        watch: BrokerWatch | None = None,
+        before_resume: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.queue = queue
+        self.watch = watch
+        self.before_resume = before_resume
         self.producer = producer
         self.name = name
         self.batch_size = batch_size
         self.lease = lease
         self.poll_interval = poll_interval
+        self.active = False  # holds the lease (another gateway relays otherwise)
         self.counts: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # time spent reading, publishing, marking: where a round goes
         self.last_error: str | None = None
         self._wake = asyncio.Event()
 
@@ -144,7 +166,12 @@ class Relay:
         failures = 0
         while True:
             try:
-                published = await self.relay_once()
+                if failures and self.before_resume is not None:
+                    # after an outage, publish nothing until the broker is known to have kept its log
+                    # (or its loss was handled): rows sent to a restarted dev broker could vanish
+                    await self.before_resume()
+                self.active = await self.queue.hold(self.lease)
+                published = await self.relay_once() if self.active else 0
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -156,25 +183,43 @@ class Relay:
                 await asyncio.sleep(backoff(failures, base=0.2))
                 continue
             if published == 0:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
+                await self._pause(self.poll_interval if self.active else min(self.lease / 4, 5.0))
+
+    async def _pause(self, seconds: float) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     async def relay_once(self) -> int:
-        """Claim a batch, publish it, mark what Kafka acknowledged; returns the rows claimed."""
-        rows = await self.queue.claim(self.batch_size, self.lease)
+        """Publish the next batch and mark what Kafka acknowledged; returns the rows taken."""
+        generation = self.watch.generation if self.watch else 0
+        started = time.perf_counter()
+        rows = await self.queue.next_batch(self.batch_size)
+        read = time.perf_counter()
+        self.seconds["read"] += read - started
         if not rows:
             return 0
         acked: list[Any] = []
+        refused: dict[Any, str] = {}
         try:
-            # bounded well inside the lease, so no other gateway takes the batch over meanwhile
-            await asyncio.wait_for(publish_in_waves(self.producer, rows, acked), timeout=self.lease * 0.75)
+            # bounded inside the lease, so no standby gateway takes over while this batch is in flight
+            await asyncio.wait_for(
+                publish_in_waves(self.producer, rows, acked, refused), timeout=self.lease * 0.75
+            )
         finally:
+            if refused:
+                log.error("%s: Kafka refused %d row(s) for good; set aside: %s", self.name, len(refused),
+                          "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:5]))  # fmt: skip
+                await self.queue.mark_refused(refused)
+                self.counts["refused"] += len(refused)
+            published = time.perf_counter()
+            if self.watch is not None and self.watch.generation != generation:
+                acked = []  # the broker lost its log meanwhile: these acknowledgements prove nothing
             await self.queue.mark_sent(acked)
             self.counts["published"] += len(acked)
-            done = set(acked)
-            await self.queue.release(r["_id"] for r in rows if r["_id"] not in done)
+            self.seconds["publish"] += published - read
+            self.seconds["mark"] += time.perf_counter() - published
         self.counts["batches"] += 1
         return len(rows)

@@ -24,6 +24,7 @@ with :func:`actors.settings.get_settings`.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -40,12 +41,14 @@ from persistence.inbox import find_reply
 
 from .participant_protocol import Kind, ParticipantCommand
 from .settings import get_settings
+from .tracing import child as child_span
 
 #: extra seconds the runner allows a Kafka step beyond its reply timeout (queueing, a slow read)
 STEP_MARGIN = 10.0
 DEFAULT_RETRY = RetryPolicy(attempts=3, backoff=0.05, max_backoff=1.0)
 
 Build = Callable[[StepContext[Any]], dict[str, Any]]
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 def _db() -> AsyncDatabase:
@@ -74,7 +77,8 @@ async def send_command(
         data=data,
         forward_result=forward_result,
         correlation_id=ctx.correlation_id,
-        traceparent=ctx.traceparent,
+        # the saga's trace, a span of its own per command (stable across re-sends)
+        traceparent=child_span(ctx.traceparent, f"{ctx.saga_id}:{ctx.seq}:{kind}"),
     )
     return await command_outbox.enqueue(
         _db(),
@@ -83,7 +87,7 @@ async def send_command(
         kind=kind,
         topic=topic,
         body=command.model_dump(mode="json", by_alias=True),
-        headers={"correlation_id": ctx.correlation_id or "", "traceparent": ctx.traceparent or ""},
+        headers={"correlation_id": ctx.correlation_id or "", "traceparent": command.traceparent or ""},
     )
 
 
@@ -135,6 +139,9 @@ def kafka_step(
     """
     if reply_timeout <= 0:
         raise ValueError("reply_timeout must be positive")
+    for t in (topic, compensate_topic):
+        if t is not None and not TOPIC_NAME.match(t):
+            raise ValueError(f"kafka_step {name!r}: {t!r} is not a valid Kafka topic name")
     undo_topic = compensate_topic or topic
     undo_timeout = compensate_timeout or reply_timeout
     make_data = build or _default_build

@@ -136,6 +136,15 @@ class Placement:
         replies = await asyncio.gather(*(h.stats.remote() for h in self._hosts.values()), return_exceptions=True)
         return [r for r in replies if isinstance(r, dict)]
 
+    # -- recorded sagas (issue 5): add/commit/abort reach the actor or host that drives the saga --
+    def dedicated_handle(self, saga_id: str) -> Any:
+        """The saga's ``saga:<id>`` actor, or None (blocking: a GCS round trip)."""
+        return self._dedicated_handle(saga_id)
+
+    def host_for(self, saga_id: str) -> Any:
+        """The shared host that runs (or would run) the saga."""
+        return self._host_for(saga_id)
+
     def _dedicated_handle(self, saga_id: str) -> Any:
         try:
             return ray.get_actor(actor_name(saga_id), namespace=self.settings.namespace)

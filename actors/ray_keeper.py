@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
 
     context = ray.init(
+        address="local",  # always a new head, never an existing cluster
         _node_ip_address=HOST,
         include_dashboard=not args.no_dashboard,
         dashboard_host=HOST,

@@ -39,7 +39,11 @@ class SagaActor:
         if self._started:
             return "already running"
         self._started = True
-        await drive(self.saga_id, self.settings, self._runners, self._pending_aborts, where=actor_name(self.saga_id))
+        # forward_metrics: this process lives for one saga; its points go to the long-lived metrics actor
+        await drive(
+            self.saga_id, self.settings, self._runners, self._pending_aborts,
+            where=actor_name(self.saga_id), forward_metrics=True,
+        )  # fmt: skip
         ray.actor.exit_actor()
         return "exited"  # not reached: exit_actor raises
 
@@ -52,3 +56,9 @@ class SagaActor:
 
     async def pid(self) -> int:
         return os.getpid()
+
+    # -- issue 5: a recorded saga's add/commit/abort, decided by its runner in this actor --------
+    async def recorded(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        from .recorded import dispatch
+
+        return await dispatch(self.saga_id, op, args, expect=True)

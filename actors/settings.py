@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -74,6 +73,13 @@ class Settings(BaseSettings):
             "(the embedded dev broker rejects it); needs kafka_acks='all'"
         ),
     )
+    kafka_watch_restarts: bool | None = Field(
+        None,
+        description=(
+            "detect a broker that lost its log (the dev broker's memory storage) with a canary topic and "
+            "re-publish what it may have dropped; unset = on for a loopback bootstrap"
+        ),
+    )
     kafka_request_timeout: float = Field(10.0, gt=0, description="seconds before a Kafka request (and a publish) fails")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="passed to aiokafka as security_protocol"
@@ -85,14 +91,48 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: str | None = Field(None, description="client certificate (mutual TLS)")
     kafka_ssl_keyfile: str | None = Field(None, description="client private key (mutual TLS)")
     kafka_ssl_password: str | None = Field(None, description="password of the client private key")
-    relay_batch_size: int = Field(500, ge=1, description="outbox rows one relay round claims and publishes")
-    relay_poll_interval: float = Field(0.1, gt=0, description="seconds the relay waits when the outbox is empty")
-    relay_claim_seconds: float = Field(
-        60.0, gt=0, description="lease on a claimed outbox batch; another gateway may take it over afterwards"
+    relay_batch_size: int = Field(500, ge=1, description="outbox rows one relay round reads and publishes")
+    relay_poll_interval: float = Field(0.2, gt=0, description="seconds the relay waits when the outbox is empty")
+    relay_lease_seconds: float = Field(
+        60.0, gt=0, description="one gateway relays an outbox at a time; a standby takes over this long after it died"
     )
     participant_poll_interval: float = Field(
         0.2, gt=0, description="longest pause between two inbox reads of a Kafka step waiting for its reply"
     )
+
+    # -- operators (issue 6) --------------------------------------------------------------------
+    log_format: Literal["kv", "json"] = Field(
+        "kv", description="saga processes' log lines: key=value text or one JSON object per line"
+    )
+    log_level: str = Field("INFO", description="level of Essential's loggers in saga processes")
+
+    # -- recorded sagas and the HTTP API (issue 5) ----------------------------------------------
+    recorded_default_job: str = Field("recorded", description="job label of a recorded saga started without one")
+    recorded_buckets: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            'bucket -> where its documents live, JSON: {"shop.orders": {"database": "shop_eu", "collection": '
+            '"orders"}, "payments.*": {"remote": "payments.commands"}}; unmapped buckets service.collection '
+            "are database <prefix>service, collection collection on ESSENTIAL_MONGODB_URI"
+        ),
+    )
+    recorded_db_prefix: str = Field("", description="prefix of the database of an unmapped bucket's service")
+    recorded_remote_timeout: float = Field(
+        60.0, gt=0, description="seconds to wait for a remote bucket's service to confirm a compensation before parking"
+    )
+    recorded_call_timeout: float = Field(60.0, gt=0, description="seconds an add/commit/abort may take end to end")
+    recorded_abort_wait: float = Field(
+        30.0, ge=0, description="seconds an HTTP/client abort waits for the compensation before answering"
+    )
+    recorded_undo_pause: float = Field(0.0, ge=0, description="pause before each undo (demos and fault tests)")
+    http_host: str = Field("127.0.0.1", description="address the HTTP API (Ray Serve) binds to")
+    http_port: int = Field(8780, description="port of the HTTP API")
+    http_token: str | None = Field(
+        None, description="bearer token of the HTTP API; `essential up` generates <home>/http_token when unset"
+    )
+    http_max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies are refused (413)")
+    http_replicas: int = Field(1, ge=1, description="Ray Serve replicas of the HTTP API")
+    http_route_prefix: str = Field("/", description="route prefix of the HTTP API's Serve application")
 
     @field_validator("kafka_acks", mode="before")
     @classmethod

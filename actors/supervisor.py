@@ -25,8 +25,10 @@ from orchestration import (
     SystemClock,
     build_saga,
 )
+from orchestration.signals import SignalRequest
 from orchestration.states import TERMINAL_STATES
 
+from . import metrics, tracing
 from .placement import Placement
 from .runtime import Runtime, get_runtime, settings_from
 
@@ -71,11 +73,13 @@ class Supervisor:
     async def start(self, request: dict[str, Any]) -> dict[str, Any]:
         rt = await self._rt()
         try:
-            parsed = StartRequest.parse(request)
+            parsed = StartRequest.parse(tracing.ensure_traceparent(request))
             saga, event = build_saga(parsed, rt.registry, self.clock)
         except EssentialError as exc:
             return error_envelope(exc)
         saga, created = await rt.store.create(saga, event)
+        if created:
+            metrics.saga_started(saga.job)
         if created and self.placement.has_room(saga.job):
             self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json"), "created": created}
@@ -219,6 +223,7 @@ class Supervisor:
                 continue
             place.launch(saga_id, saga.job)
             counts["restored"] += 1
+            metrics.saga_restored(saga.job)
 
         waiting = {s.id: s.job for s in pending}
         running = await place.running(waiting)
@@ -232,9 +237,12 @@ class Supervisor:
             place.launch(saga.id, saga.job)
             counts["admitted"] += 1
 
+        counts["woken"] = await self._wake_due(now)  # issue 9: waiting sagas whose signal/timer/child/lock came
+
         if self._sweeps % 30 == 1:
             counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))
         counts["live"] = len(place.live)
+        await metrics.observe_sweep(store, place, sum(1 for s in pending if s.id not in place.live))
         return counts
 
     async def _forget_finished(self, unfinished: set[str]) -> None:
@@ -261,6 +269,7 @@ class Supervisor:
         await rt.store.transition(saga_id, saga.lease.epoch, fields, [event])
         await rt.store.release(saga_id)
         log.error("saga %s parked: %s", saga_id, reason)
+        metrics.saga_parked(saga.job)
 
     async def resume(self, saga_id: str) -> dict[str, Any]:
         """Operator: give a parked saga another go from its last checkpoint."""
@@ -271,3 +280,42 @@ class Supervisor:
             return error_envelope(exc)
         self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}
+
+    # -- issue 9: signals and waiting sagas (additive) -----------------------------------------
+    async def signal(
+        self, saga_id: str, name: str, payload: Any = None, key: str | None = None
+    ) -> dict[str, Any]:
+        """Store a signal for the saga durably, then relaunch it if it was waiting for it."""
+        rt = await self._rt()
+        try:
+            request = SignalRequest.parse({"saga": saga_id, "name": name, "payload": payload, "key": key})
+            saga, created = await rt.store.deliver_signal(request.saga, request.name, request.payload, key=request.key)
+        except EssentialError as exc:
+            return error_envelope(exc)
+        if saga.state == SagaState.WAITING and saga.wake_at is not None and saga.wake_at <= datetime.now(timezone.utc):
+            if saga.id not in self.placement.live and self.placement.has_room(saga.job):
+                self.placement.launch(saga.id, saga.job)
+        return {"saga": saga.model_dump(mode="json"), "delivered": created}
+
+    async def _wake_due(self, now: datetime) -> int:
+        """Relaunch waiting sagas that are due (they hold no actor while they wait)."""
+        rt = await self._rt()
+        woken = 0
+        for saga in await rt.store.list_due(now):
+            if saga.id in self.placement.live or not self.placement.has_room(saga.job):
+                continue
+            self.placement.launch(saga.id, saga.job)
+            woken += 1
+        return woken
+
+    # -- issue 5: recorded sagas - start / add / commit / abort and their reads (additive) ----------
+    async def recorded(self, op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``op`` of :class:`actors.recorded.RecordedService` (start, add, commit, abort, get, stages,
+        list, count, stage_list); returns ``{"saga"|"stage"|"sagas"|"stages"|"total": ...}`` or ``{"error": ...}``."""
+        from .recorded import RecordedService
+
+        rt = await self._rt()
+        service = getattr(self, "_recorded_service", None)
+        if service is None:
+            service = self._recorded_service = RecordedService(rt, self.placement)
+        return await service.call(op, *args, **kwargs)

@@ -84,3 +84,17 @@ async def confirm(ctx: StepContext[OrderLoad]) -> dict:
     if ctx.payload.fail_last:
         raise StepFailed("confirmation refused (injected: 10 % of the load)")
     return await _apply(ctx, "confirm", 1)
+
+
+class Hold(BaseModel):
+    hold_s: float = 5.0
+
+
+hold = Job("bench:hold", payload=Hold, ttl=600)
+
+
+@hold.step(bucket="bench.memory", action="read", retry=NO_RETRY)
+async def wait_a_while(ctx: StepContext[Hold]) -> dict:
+    """Keeps a saga alive without touching business data (the memory probe)."""
+    await __import__("asyncio").sleep(ctx.payload.hold_s)
+    return {"held_s": ctx.payload.hold_s}

@@ -166,7 +166,7 @@ def init_ray() -> None:
     from actors.loopback import bind_ray_to_loopback
 
     bind_ray_to_loopback()
-    ray.init(_node_ip_address="127.0.0.1", namespace="essential_bench", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", namespace="essential_bench", include_dashboard=False, log_to_driver=False)
 
 
 def naive_actor_class() -> Any:
@@ -299,7 +299,8 @@ async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str,
         await sup.hosts.remote()  # start the pool, then measure it idle
         await asyncio.sleep(2)
     idle_procs, idle_rss = rss_of(title)
-    replies = await asyncio.gather(*(sup.start.remote({"job": "bench:order", "payload": {"hold_s": 20}}) for _ in range(live)))
+    hold = {"job": "bench:hold", "payload": {"hold_s": 8.0 if live > 100 else 15.0}}
+    replies = await asyncio.gather(*(sup.start.remote(hold) for _ in range(live)))
     ids = [r["saga"]["id"] for r in replies]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 120
@@ -314,7 +315,6 @@ async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str,
             break
         await asyncio.sleep(0.5)
     running, procs, rss = peak
-    await asyncio.gather(*(sup.abort.remote(i, "memory probe done") for i in ids))
     await asyncio.gather(*(sup.wait.remote(i, 120.0) for i in ids))
     return {
         "mode": mode,
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 shared = {"placement": "shared", "host_pool_size": args.hosts}
                 results.append(await run_essential("shared", uri, args.sagas, c, warmup=20, seed=args.seed, **shared))
                 results.append(await run_essential("shared", uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed, **shared))
-                memory.append(await memory_probe("shared", uri, live=1000, **shared))
+                memory.append(await memory_probe("shared", uri, live=500, **shared))
 
         import ray
 

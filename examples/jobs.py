@@ -6,6 +6,18 @@ compensation undoes exactly what its step recorded (or nothing, if it never
 happened).  Amounts are integer cents.  Every payload also accepts the fault
 fields of :class:`examples.faults.FaultInjection` (``fail_at``, ``crash_after``,
 ``fail_undo_at``, ``slow_ms``).
+
+Where the business process calls for more than a chain:
+
+* ``logistic:shipment`` books cargo space, a vehicle and a driver **in parallel**;
+* ``bank:transfer`` **locks** both wallets (bucket ``financial.wallets``) for the
+  whole saga, so two transfers touching a wallet never interleave;
+* ``payment:subscription`` with ``retries`` > 0 notifies the user of a declined
+  charge and charges again ``retry_in_hours`` later (a **durable timer**, ``RetryLater``);
+* ``user:onboarding`` with ``verify_identity`` **waits for the signal**
+  ``identity.verified`` (a reviewer's decision) before opening the wallet;
+* ``order:fulfillment`` with ``ship`` starts a ``logistic:shipment`` as a
+  **child saga**: if the order is compensated, so is its shipment.
 """
 from __future__ import annotations
 
@@ -13,7 +25,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from orchestration.dsl import Job, RetryPolicy, StepContext
+from orchestration.dsl import Job, Lock, RetryPolicy, StepContext
+from orchestration.errors import RetryLater, StepFailed
 
 from .faults import FaultInjection, inject_faults
 from .services import identity, inventory, invoicing, logistics, notifications, orders, wallet
@@ -34,11 +47,18 @@ class Line(BaseModel):
 
 
 # --------------------------------------------------------------------------- order:fulfillment
+class Delivery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    route: Id
+    volume: int = Field(gt=0, le=1_000_000, description="cargo units")
+
+
 class OrderPayload(FaultInjection):
     order_id: Id
     customer: Id = Field(description="the customer's wallet id and message recipient")
     items: list[Line] = Field(min_length=1, max_length=100)
     amount: Cents
+    ship: Delivery | None = Field(None, description="ship the goods: a logistic:shipment child saga")
 
 
 order_fulfillment: Job[OrderPayload] = Job(
@@ -77,6 +97,20 @@ async def create_invoice(ctx: StepContext[OrderPayload]) -> Result:
 @create_invoice.compensation
 async def void_invoice(ctx: StepContext[OrderPayload], _invoice: Any) -> Result:
     return await invoicing.void_invoice(ctx.idempotency_key)
+
+
+def _ships(ctx: StepContext[OrderPayload]) -> bool:
+    return ctx.payload.ship is not None
+
+
+def _shipment_for(ctx: StepContext[OrderPayload]) -> dict[str, Any]:
+    p = ctx.payload
+    assert p.ship is not None
+    return {"shipment_id": f"ship-{p.order_id}", "route": p.ship.route, "volume": p.ship.volume}
+
+
+# a child saga: compensating the order compensates the shipment (cargo space, vehicle, driver)
+order_fulfillment.child("ship", job="logistic:shipment", payload=_shipment_for, when=_ships)
 
 
 @order_fulfillment.step(bucket="notify.messages", action="create", **FAST)
@@ -124,7 +158,13 @@ bank_transfer: Job[TransferPayload] = Job(
 )  # fmt: skip
 
 
-@bank_transfer.step(bucket="financial.wallets", action="update", **FAST)
+def _both_wallets(ctx: StepContext[TransferPayload]) -> list[str]:
+    return [ctx.payload.source, ctx.payload.target]
+
+
+# Both wallets are locked from the debit until the transfer ends (taken together, so two
+# transfers in opposite directions cannot deadlock); another transfer on either waits.
+@bank_transfer.step(bucket="financial.wallets", action="update", lock=Lock(keys=_both_wallets), **FAST)
 async def debit(ctx: StepContext[TransferPayload]) -> Result:
     p = ctx.payload
     return await wallet.debit(ctx.idempotency_key, p.source, p.amount, memo=f"transfer {p.transfer_id} to {p.target}")
@@ -173,6 +213,11 @@ class SubscriptionPayload(FaultInjection):
     amount: Cents
     days: int = Field(30, gt=0, le=3660, description="access bought by the payment")
     retry_in_hours: float = Field(24.0, gt=0, le=24 * 90, description="when to charge again after a decline")
+    retries: int = Field(
+        0, ge=0, le=10,
+        description="charge again this many times, retry_in_hours apart, inside the saga (a durable timer) "
+        "before giving up; 0 leaves the retry to billing (schedule_retry)",
+    )  # fmt: skip
 
 
 subscription_payment: Job[SubscriptionPayload] = Job(
@@ -191,11 +236,25 @@ def _declined(ctx: StepContext[SubscriptionPayload]) -> bool:
 
 @subscription_payment.step(bucket="financial.wallets", action="update", **FAST)
 async def charge(ctx: StepContext[SubscriptionPayload]) -> Result:
-    """A declined charge is a result (``ok: False``), not a failure: the process goes on differently."""
+    """A declined charge is a result (``ok: False``), not a failure: the process goes on differently.
+
+    With ``retries`` left (and time left in the saga's TTL), the user is told and the
+    charge runs again ``retry_in_hours`` later: ``RetryLater`` is a durable timer, so
+    the saga holds no actor meanwhile and survives restarts; the new round gets a new
+    idempotency key, so it is a new charge attempt.
+    """
     p = ctx.payload
-    return await wallet.debit(
+    result = await wallet.debit(
         ctx.idempotency_key, p.wallet, p.amount, memo=f"subscription {p.plan}", decline_as_result=True
     )
+    delay = p.retry_in_hours * 3600
+    if not result["ok"] and ctx.deferred < p.retries and delay < ctx.remaining:
+        await notifications.send(
+            f"{ctx.idempotency_key}:declined", p.user_id, "payment_retry", plan=p.plan, amount=p.amount,
+            reason=result.get("reason"), retry_in_hours=p.retry_in_hours, attempt=ctx.deferred + 1,
+        )  # fmt: skip
+        raise RetryLater(delay, reason=f"card declined ({result.get('reason')}); charging again later")
+    return result
 
 
 @charge.compensation
@@ -247,40 +306,40 @@ shipment: Job[ShipmentPayload] = Job(
 )  # fmt: skip
 
 
-@shipment.step(bucket="logistic.routes", action="update", **FAST)
-async def reserve_cargo_space(ctx: StepContext[ShipmentPayload]) -> Result:
-    p = ctx.payload
-    return await logistics.reserve_space(ctx.idempotency_key, p.shipment_id, p.route, p.volume)
+# Cargo space, a vehicle and a driver are booked at the same time; if one cannot be had,
+# the others that were booked are released (then nothing before the group: it is first).
+with shipment.parallel("allocate"):
 
+    @shipment.step(bucket="logistic.routes", action="update", **FAST)
+    async def reserve_cargo_space(ctx: StepContext[ShipmentPayload]) -> Result:
+        p = ctx.payload
+        return await logistics.reserve_space(ctx.idempotency_key, p.shipment_id, p.route, p.volume)
 
-@reserve_cargo_space.compensation
-async def release_cargo_space(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
-    return await logistics.release_space(ctx.idempotency_key)
+    @reserve_cargo_space.compensation
+    async def release_cargo_space(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
+        return await logistics.release_space(ctx.idempotency_key)
 
+    @shipment.step(bucket="logistic.vehicles", action="update", **FAST)
+    async def assign_vehicle(ctx: StepContext[ShipmentPayload]) -> Result:
+        return await logistics.assign_vehicle(ctx.idempotency_key, ctx.payload.shipment_id, ctx.payload.volume)
 
-@shipment.step(bucket="logistic.vehicles", action="update", **FAST)
-async def assign_vehicle(ctx: StepContext[ShipmentPayload]) -> Result:
-    return await logistics.assign_vehicle(ctx.idempotency_key, ctx.payload.shipment_id, ctx.payload.volume)
+    @assign_vehicle.compensation
+    async def release_vehicle(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
+        return await logistics.release_vehicle(ctx.idempotency_key)
 
+    @shipment.step(bucket="logistic.drivers", action="update", **FAST)
+    async def assign_driver(ctx: StepContext[ShipmentPayload]) -> Result:
+        return await logistics.assign_driver(ctx.idempotency_key, ctx.payload.shipment_id)
 
-@assign_vehicle.compensation
-async def release_vehicle(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
-    return await logistics.release_vehicle(ctx.idempotency_key)
-
-
-@shipment.step(bucket="logistic.drivers", action="update", **FAST)
-async def assign_driver(ctx: StepContext[ShipmentPayload]) -> Result:
-    return await logistics.assign_driver(ctx.idempotency_key, ctx.payload.shipment_id)
-
-
-@assign_driver.compensation
-async def release_driver(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
-    return await logistics.release_driver(ctx.idempotency_key)
+    @assign_driver.compensation
+    async def release_driver(ctx: StepContext[ShipmentPayload], _res: Any) -> Result:
+        return await logistics.release_driver(ctx.idempotency_key)
 
 
 @shipment.step(bucket="logistic.shipments", action="update", **FAST)
 async def dispatch(ctx: StepContext[ShipmentPayload]) -> Result:
-    return await logistics.dispatch(ctx.idempotency_key, ctx.payload.shipment_id)
+    vehicle, driver = ctx.results["assign_vehicle"]["vehicle"], ctx.results["assign_driver"]["driver"]
+    return await logistics.dispatch(ctx.idempotency_key, ctx.payload.shipment_id, vehicle=vehicle, driver=driver)
 
 
 @dispatch.compensation
@@ -294,6 +353,10 @@ class OnboardingPayload(FaultInjection):
     email: Email
     name: str = Field(min_length=1, max_length=200)
     welcome_credit: int = Field(0, ge=0, le=10**9, description="cents put in the new wallet")
+    verify_identity: bool = Field(
+        False, description="a reviewer must approve the identity documents (signal identity.verified) first"
+    )
+    review_hours: float = Field(72.0, gt=0, le=24 * 30, description="how long the review may take")
 
 
 onboarding: Job[OnboardingPayload] = Job(
@@ -311,6 +374,27 @@ async def create_account(ctx: StepContext[OnboardingPayload]) -> Result:
 @create_account.compensation
 async def delete_account(ctx: StepContext[OnboardingPayload], _res: Any) -> Result:
     return await identity.delete_account(ctx.idempotency_key)
+
+
+def _needs_review(ctx: StepContext[OnboardingPayload]) -> bool:
+    return ctx.payload.verify_identity
+
+
+# Waits (holding no actor) for the reviewer's decision: client.signal(saga_id, "identity.verified",
+# {"approved": true, "by": "..."}) or the same over Kafka/HTTP.  No decision in time, or a
+# rejection, fails the step and the account is deleted again.
+identity_verification = onboarding.wait_for(
+    "identity.verified", name="identity_verification", when=_needs_review,
+    timeout=lambda ctx: ctx.payload.review_hours * 3600,
+)  # fmt: skip
+
+
+@identity_verification.on_signal
+async def review_decision(ctx: StepContext[OnboardingPayload]) -> Result:
+    decision = ctx.signal if isinstance(ctx.signal, dict) else {}
+    if not decision.get("approved"):
+        raise StepFailed(f"identity verification rejected: {decision.get('reason') or 'no reason given'}")
+    return {"approved": True, "by": decision.get("by"), "user": ctx.payload.user_id}
 
 
 @onboarding.step(bucket="financial.wallets", action="create", **FAST)

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord

@@ -2,8 +2,8 @@
 
 No Ray, PyMongo or aiokafka here (tests/test_layers.py enforces it).
 """
-from .clock import Clock, SystemClock
-from .dsl import NO_RETRY, Job, RetryPolicy, Step, StepContext
+from .clock import Clock, ManualClock, SystemClock
+from .dsl import NO_RETRY, Job, Lock, RetryPolicy, Step, StepContext
 from .errors import (
     EssentialError,
     IllegalTransition,
@@ -11,11 +11,13 @@ from .errors import (
     InvalidRequest,
     JobVersionMissing,
     LeaseLost,
+    LockBusy,
+    RetryLater,
     SagaNotFound,
     StepFailed,
     UnknownJob,
 )
-from .models import Event, Lease, Saga, Stage, StageMeta, new_id
+from .models import Event, Lease, Saga, Signal, Stage, StageMeta, new_id
 from .ports import RunnerObserver, SagaStore
 from .registry import JobRegistry
 from .requests import StartRequest, build_saga
@@ -28,4 +30,5 @@ __all__ = [
     "NO_RETRY", "RetryPolicy", "RunnerObserver", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
     "Stage", "StageMeta", "StageStatus", "StartRequest", "Step", "StepContext", "StepFailed",
     "SystemClock", "TERMINAL_STATES", "UnknownJob", "build_saga", "new_id",
+    "Lock", "LockBusy", "ManualClock", "RetryLater", "Signal",
 ]

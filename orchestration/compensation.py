@@ -1,8 +1,24 @@
-"""Which completed stages must be undone, and in what order."""
+"""Which completed stages must be undone, and in what order.
+
+Order is by stage ``seq``, latest first.  A parallel group's members get their
+seqs together, after every step before the group and before every step after
+it, so the group is undone after the later steps and before the earlier ones
+(its members among themselves latest seq first).
+"""
 from __future__ import annotations
 
 from .models import Stage
 from .states import Action, StageStatus
+
+
+def is_deferred(stage: Stage) -> bool:
+    """A round of a step that raised ``RetryLater``: it had no effect and runs again later."""
+    return (
+        stage.action != Action.COMPENSATE
+        and stage.status == StageStatus.FAILED
+        and isinstance(stage.res, dict)
+        and stage.res.get("outcome") == "deferred"
+    )
 
 
 def needs_compensation(stage: Stage) -> bool:

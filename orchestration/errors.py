@@ -62,6 +62,38 @@ class StepFailed(EssentialError):
     retryable = False
 
 
+class RetryLater(EssentialError):
+    """Raised by a step whose attempt had no effect and should run again later (a durable timer).
+
+    The stage is recorded as deferred (nothing to compensate), the saga waits
+    without holding an actor, and the step then runs again as a new stage with
+    a new idempotency key; ``ctx.deferred`` counts the earlier deferrals, so
+    the step decides when to give up.  ``RetryLater(hours=6, reason="card declined")``.
+    """
+
+    def __init__(
+        self, seconds: float = 0.0, *, minutes: float = 0.0, hours: float = 0.0, days: float = 0.0, reason: str = ""
+    ) -> None:
+        self.delay = seconds + 60 * minutes + 3600 * hours + 86400 * days
+        if self.delay <= 0:
+            raise ValueError("RetryLater needs a positive delay")
+        self.reason = reason
+        super().__init__(reason or f"retry in {self.delay:g}s")
+
+
+class LockBusy(EssentialError):
+    """A bucket lock a step needs is held by another live saga."""
+
+    def __init__(self, bucket: str, key: str, holder: str | None, holder_job: str | None = None,
+                 holder_state: str | None = None) -> None:  # fmt: skip
+        self.bucket, self.key, self.holder = bucket, key, holder
+        self.holder_job, self.holder_state = holder_job, holder_state
+        who = f"saga {holder}" if holder else "another saga"
+        if holder_job:
+            who += f" ({holder_job}, {holder_state or 'live'})"
+        super().__init__(f"{key!r} in {bucket} is locked by {who} until that saga ends")
+
+
 def rebuild_error(type_name: str, message: str) -> EssentialError:
     """Recreate a typed error sent across a process boundary (Ray, Kafka, HTTP) by name."""
     cls: type[EssentialError] = _BY_NAME.get(type_name, EssentialError)
@@ -74,6 +106,6 @@ _BY_NAME: dict[str, type[EssentialError]] = {
     c.__name__: c
     for c in (
         EssentialError, InvalidRequest, UnknownJob, JobVersionMissing, InvalidPayload,
-        SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed,
+        SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed, LockBusy,
     )
 }

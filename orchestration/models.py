@@ -52,6 +52,14 @@ class Saga(BaseModel):
     restore_attempts: int = 0
     parked_reason: str | None = None
     parked_from: SagaState | None = None
+    # -- waiting (signals, durable timers, child sagas, bucket locks)
+    waiting_for: str | None = Field(
+        default=None, description="what a waiting saga waits for: signal:<name>, timer:<step>, child:<id>, lock:<bucket>:<key>"
+    )
+    wake_at: datetime | None = Field(default=None, description="when the supervisor relaunches a waiting saga at the latest")
+    # -- child sagas
+    parent: str | None = Field(default=None, description="the saga whose step started this one")
+    parent_seq: int | None = Field(default=None, description="seq of the parent's stage that started this one")
 
     @property
     def deadline(self) -> datetime:
@@ -65,6 +73,13 @@ class StageMeta(BaseModel):
     retry_count: int = 0
     errors: list[str] = Field(default_factory=list)
     duration_ms: float | None = None
+    group: str | None = Field(default=None, description="parallel group the stage ran in")
+    wake_at: datetime | None = Field(
+        default=None, description="a waiting stage resumes by then at the latest (timer, retry later, signal timeout)"
+    )
+    signal_id: str | None = Field(default=None, description="the signal a wait consumed")
+    child: str | None = Field(default=None, description="the child saga a step started")
+    locks: list[str] = Field(default_factory=list, description="bucket locks taken with the stage, as bucket:key")
 
 
 class Stage(BaseModel):
@@ -80,6 +95,17 @@ class Stage(BaseModel):
     compensates: int | None = Field(default=None, description="seq of the forward stage undone")
     started_at: datetime
     finished_at: datetime | None = None
+
+
+class Signal(BaseModel):
+    """Something that happened outside a saga, delivered to it by name (an approval, a callback)."""
+
+    id: str = Field(default_factory=new_id)
+    saga: str
+    name: str
+    payload: Any = None
+    key: str | None = Field(default=None, description="deduplicates repeated deliveries of one signal")
+    at: datetime
 
 
 class Event(BaseModel):

@@ -7,10 +7,14 @@ longer ``epoch``, so a stale runner can never overwrite a newer one.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .models import Event, Saga, Stage
+from .models import Event, Saga, Signal, Stage
 from .states import SagaState
+
+#: a bucket lock: (bucket, key)
+LockClaim = tuple[str, str]
 
 
 class SagaStore(Protocol):
@@ -28,16 +32,32 @@ class SagaStore(Protocol):
     async def acquire_lease(self, saga_id: str, owner: str) -> Saga:
         """Raise the lease epoch and become its owner; returns the saga as leased."""
 
-    async def write_ahead(self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any]) -> None:
-        """Insert a ``started`` stage and update the saga, in one transaction."""
+    async def write_ahead(
+        self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], *, locks: Sequence[LockClaim] = ()
+    ) -> str | None:
+        """Insert a ``started`` stage and update the saga, in one transaction.
+
+        With ``locks``, also take those bucket locks for the saga in the same
+        transaction, or raise :class:`~orchestration.errors.LockBusy` (and write
+        nothing) when another live saga holds one.  Like every fenced write it
+        returns the saga's durable abort request, if any (so a runner learns of
+        an abort it was not told about).
+        """
+
+    async def write_ahead_many(self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any]) -> str | None:
+        """Insert several ``started`` stages (a parallel group) and update the saga, in one transaction."""
 
     async def record_result(
         self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], events: list[Event]
-    ) -> None:
+    ) -> str | None:
         """Finish a stage, update the saga and append events, in one transaction."""
 
-    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> None:
-        """Update the saga (state and timestamps) and append events, in one transaction."""
+    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> str | None:
+        """Update the saga (state and timestamps) and append events, in one transaction.
+
+        A terminal state also releases the saga's bucket locks (waking sagas
+        waiting for them) and wakes a parent waiting for this saga.
+        """
 
     async def request_abort(self, saga_id: str, reason: str) -> Saga:
         """Durably mark a live saga for abort (unfenced: any caller may ask)."""
@@ -45,6 +65,24 @@ class SagaStore(Protocol):
     async def list(
         self, *, state: SagaState | None = None, job: str | None = None, limit: int = 50
     ) -> list[Saga]: ...
+
+    # -- waiting: signals, child sagas, locks ------------------------------------------
+    async def signals(self, saga_id: str, name: str) -> list[Signal]:
+        """Signals of that name delivered to the saga, oldest first."""
+
+    async def wake(self, saga_id: str, waiting_for: str | None = None) -> bool:
+        """If the saga is waiting (for ``waiting_for``, when given), make it due now."""
+
+    async def by_idempotency_key(self, key: str) -> Saga | None: ...
+
+    async def reopen_for_compensation(self, saga_id: str, reason: str) -> Saga:
+        """A completed child saga whose parent compensates: back to ``compensating``."""
+
+    async def lock_free(self, bucket: str, key: str, saga_id: str) -> bool:
+        """Could ``saga_id`` take the lock now (free, its own, or held by a saga that ended)?"""
+
+    async def add_lock_waiter(self, bucket: str, key: str, saga_id: str) -> bool:
+        """Ask to be woken when the lock is released; False when it is not held by another saga."""
 
 
 class RunnerObserver(Protocol):

@@ -2,7 +2,9 @@
 
 Protocol per step (DESIGN.md, "How a saga runs"):
 
-1. write-ahead: a ``started`` stage with ``req`` and the saga cursor, one transaction;
+1. write-ahead: a ``started`` stage with ``req`` and the saga cursor, one transaction
+   (a parallel group writes all its members' stages in one; a step with a
+   bucket lock takes the lock in it);
 2. run the step (retries, timeout, TTL) with the key ``<saga id>:<seq>``;
 3. result: the stage's ``res``/status, the saga cursor and a ``saga.stage.completed``
    event, one transaction.
@@ -10,6 +12,15 @@ Protocol per step (DESIGN.md, "How a saga runs"):
 Every write carries the lease epoch; :class:`LeaseLost` stops the runner at once.
 The runner holds no state that is not also in the store, so a new runner on
 another process resumes exactly where a dead one left off.
+
+Waiting (a signal, a durable timer, a child saga, a bucket lock): the runner
+waits in process for up to ``linger`` seconds, then checkpoints the saga
+``waiting`` (what for, and ``wake_at``: when to look again at the latest — the
+timer, the signal's timeout, the TTL), looks once more (so a wake-up that
+raced the checkpoint is not lost) and returns; the hosting actor exits.  The
+supervisor relaunches the saga when it is due (whatever it waited for moves
+``wake_at`` to now), and the runner picks up at the same stage.  Deadlines of
+waits are stored in the stage (``meta.wake_at``), so they survive restarts.
 """
 from __future__ import annotations
 
@@ -17,20 +28,42 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Awaitable, Callable, Literal
 
 from .clock import Clock, SystemClock
-from .compensation import compensation_plan, open_compensation
-from .dsl import Job, RetryPolicy, Step, StepContext
-from .errors import EssentialError, JobVersionMissing, StepFailed, StepTimeout
+from .compensation import compensation_plan, is_deferred, open_compensation
+from .dsl import Job, RetryPolicy, Step, StepContext, seconds_of
+from .errors import (
+    EssentialError,
+    InvalidRequest,
+    JobVersionMissing,
+    LeaseLost,
+    LockBusy,
+    RetryLater,
+    StepFailed,
+    StepTimeout,
+)
 from .models import Event, Saga, Stage, StageMeta
 from .ports import RunnerObserver, SagaStore
 from .registry import JobRegistry
+from .requests import StartRequest, build_saga
 from .states import TERMINAL_STATES, Action, EventType, SagaState, StageStatus
 
 log = logging.getLogger("essential.runner")
 
 MAX_RECORDED_ERRORS = 5
+#: seconds a waiting step keeps its actor before the saga is checkpointed ``waiting``
+DEFAULT_LINGER = 2.0
+#: polling of the store while waiting in process (signals, child state, locks)
+POLL_FIRST, POLL_CAP = 0.02, 0.25
+#: seconds between re-reads of the saga while waiting in process (abort flag, lease)
+REFRESH_EVERY = 1.0
+
+
+def child_key(parent_id: str, seq: int) -> str:
+    """Idempotency key of the child saga started by the parent's stage ``seq``."""
+    return f"child:{parent_id}:{seq}"
 
 
 @dataclass
@@ -43,6 +76,19 @@ class Attempts:
     errors: list[str] = field(default_factory=list)
     timed_out: bool = False
     duration_ms: float = 0.0
+    deferred: RetryLater | None = None
+
+
+@dataclass
+class Waited:
+    """How a wait ended: what it waited for is ``ready``, its deadline passed, or the saga must ``stop``."""
+
+    kind: Literal["ready", "timeout", "stop"]
+    value: Any = None
+
+
+class Parked(Exception):
+    """The saga was checkpointed ``waiting``; the runner returns and leaves the rest to the supervisor."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -61,21 +107,28 @@ class SagaRunner:
         owner: str,
         clock: Clock | None = None,
         observer: RunnerObserver | None = None,
+        linger: float | None = None,
     ) -> None:
+        """``linger``: seconds every wait of this runner keeps waiting in process before the
+        saga is checkpointed ``waiting`` (default: each step's own, else :data:`DEFAULT_LINGER`).
+        ``float("inf")`` never parks (in-process tests with a :class:`ManualClock`)."""
         self.saga_id = saga_id
         self.observer = observer
         self.store = store
         self.registry = registry
         self.owner = owner
         self.clock = clock or SystemClock()
+        self.linger = linger
         self._abort_reason: str | None = None
         self._abort_event = asyncio.Event()
+        self._io = asyncio.Lock()  # one checkpoint at a time (parallel members share the saga's session)
         self.saga: Saga | None = None
         self.epoch = 0
+        self._stages: dict[int, Stage] = {}
 
     # -- control from the hosting actor -------------------------------------------------
     def request_abort(self, reason: str = "aborted by request") -> None:
-        """Honoured between steps (and during retry back-off); the step in flight finishes."""
+        """Honoured between steps, during retry back-off and while waiting; the step in flight finishes."""
         if self._abort_reason is None:
             self._abort_reason = reason
         self._abort_event.set()
@@ -94,14 +147,20 @@ class SagaRunner:
             await self._park(str(exc))
             return await self.store.get(self.saga_id)
         stages = await self.store.stages(self.saga_id)
+        self._stages = {s.seq: s for s in stages}
 
-        if saga.state == SagaState.PENDING:
-            await self._transition({"state": SagaState.RUNNING}, [])
-        if saga.state == SagaState.RUNNING:
-            failure = await self._forward(job, stages)
-            stages = await self.store.stages(self.saga_id)
-            if failure is None:
-                await self._transition({"state": SagaState.COMMITTING}, [])
+        try:
+            if saga.state == SagaState.PENDING:
+                await self._transition({"state": SagaState.RUNNING}, [])
+            elif saga.state == SagaState.WAITING:
+                await self._transition({"state": SagaState.RUNNING, "waiting_for": None, "wake_at": None}, [])
+            if saga.state == SagaState.RUNNING:
+                failure = await self._forward(job)
+                if failure is None:
+                    await self._transition({"state": SagaState.COMMITTING}, [])
+        except Parked:
+            return await self.store.get(self.saga_id)
+        stages = await self.store.stages(self.saga_id)
         if saga.state == SagaState.COMMITTING:
             now = self.clock.now()
             await self._transition(
@@ -113,61 +172,34 @@ class SagaRunner:
         return await self.store.get(self.saga_id)
 
     # -- forward path ------------------------------------------------------------------
-    async def _forward(self, job: Job, stages: list[Stage]) -> str | None:
+    async def _forward(self, job: Job) -> str | None:
         """Run the remaining steps; returns the reason when compensation was decided."""
         saga = self._saga
         payload = job.validate_payload(saga.payload)
-        forward = {s.step: s for s in stages if s.action != Action.COMPENSATE}
-        results = {s.step: s.res for s in forward.values() if s.status == StageStatus.SUCCEEDED}
-
-        for index in range(saga.cursor, len(job.steps)):
+        results = {
+            s.step: s.res
+            for s in sorted(self._stages.values(), key=lambda s: s.seq)
+            if s.action != Action.COMPENSATE and s.status == StageStatus.SUCCEEDED
+        }
+        index = saga.cursor
+        while index < len(job.steps):
             step = job.steps[index]
             reason = self._stop_reason()
             if reason:
-                await self._begin_compensation(reason)
+                await self._stop(step, reason)
                 return reason
-            seq = self._next_seq(forward.get(step.name))
-            ctx = StepContext(
-                saga_id=saga.id,
-                job=saga.job,
-                payload=payload,
-                results=dict(results),
-                idempotency_key=f"{saga.id}:{seq}",
-                seq=seq,
-                correlation_id=saga.correlation_id,
-                traceparent=saga.traceparent,
-            )
-            if step.when is not None and not step.when(ctx):
-                continue
-            stage = forward.get(step.name)
-            if stage is None or stage.status != StageStatus.STARTED:
-                stage = self._new_stage(step, seq, Action(step.action), req=saga.payload)
-                await self.store.write_ahead(
-                    saga.id, self.epoch, stage, {"seq": seq, "cursor": index, "updatedAt": stage.started_at}
-                )
-                saga.seq, saga.cursor = seq, index
-
-            outcome = await self._attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
-            if outcome.ok:
-                results[step.name] = _jsonable(outcome.result)
-                fields: dict[str, Any] = {"cursor": index + 1}
-                await self._finish(stage, outcome, StageStatus.SUCCEEDED, fields)
-                saga.cursor = index + 1
-                continue
-            reason = "timed out" if outcome.timed_out else "failed"
-            error = f"step {step.name} {reason} after {outcome.attempts} attempt(s): {outcome.errors[-1] if outcome.errors else ''}"
-            if self.clock.now() >= saga.deadline:
-                error = f"ttl of {saga.ttl:g}s expired during step {step.name}"
-            elif self._abort_reason:
-                error = f"{self._abort_reason} (during step {step.name})"
-            await self._finish(
-                stage,
-                outcome,
-                StageStatus.FAILED,
-                {"state": SagaState.COMPENSATING, "error": error},
-            )
-            saga.state = SagaState.COMPENSATING
-            return error
+            if step.group is not None:
+                end = job.group_end(index)
+                failure = await self._run_group(job.steps[index:end], index, end, payload, results)
+                index = end
+            else:
+                runner = {
+                    "task": self._run_task, "wait": self._run_wait, "sleep": self._run_sleep, "child": self._run_child,
+                }[step.kind]  # fmt: skip
+                failure = await runner(step, index, payload, results)
+                index += 1
+            if failure is not None:
+                return failure
         return None
 
     def _stop_reason(self) -> str | None:
@@ -180,6 +212,452 @@ class SagaRunner:
     async def _begin_compensation(self, reason: str) -> None:
         await self._transition({"state": SagaState.COMPENSATING, "error": reason}, [])
 
+    async def _stop(self, step: Step, reason: str) -> None:
+        """Abort or TTL before ``step``: a wait left open (the saga was waiting) is closed as failed."""
+        stage = self._latest(step.name) if step.group is None else None
+        if stage is not None and stage.status == StageStatus.STARTED and step.kind in ("wait", "sleep", "child"):
+            # a child may have done things: its outcome is unknown, so it is compensated (aborted)
+            outcome = Attempts(ok=False, timed_out=step.kind == "child", errors=[f"stopped while waiting: {reason}"])
+            await self._fail(stage, outcome, reason)
+            return
+        await self._begin_compensation(reason)
+
+    def _ctx(self, step: Step, seq: int, payload: Any, results: dict[str, Any], **extra: Any) -> StepContext:
+        saga = self._saga
+        return StepContext(
+            saga_id=saga.id,
+            job=saga.job,
+            payload=payload,
+            results=dict(results),
+            idempotency_key=f"{saga.id}:{seq}",
+            seq=seq,
+            correlation_id=saga.correlation_id,
+            traceparent=saga.traceparent,
+            deadline=saga.deadline,
+            attempted_at=self.clock.now(),
+            **extra,
+        )
+
+    def _latest(self, step_name: str) -> Stage | None:
+        """The step's latest forward stage (a deferred step has one per attempt round)."""
+        mine = [s for s in self._stages.values() if s.step == step_name and s.action != Action.COMPENSATE]
+        return max(mine, key=lambda s: s.seq) if mine else None
+
+    def _resume_seq(self, stage: Stage | None) -> int:
+        if stage is not None and stage.status == StageStatus.STARTED:
+            return stage.seq
+        return self._saga.seq + 1
+
+    def _failure_text(self, step: Step, outcome: Attempts) -> str:
+        saga = self._saga
+        reason = "timed out" if outcome.timed_out else "failed"
+        error = f"step {step.name} {reason} after {outcome.attempts} attempt(s): {outcome.errors[-1] if outcome.errors else ''}"
+        if self.clock.now() >= saga.deadline:
+            error = f"ttl of {saga.ttl:g}s expired during step {step.name}"
+        elif self._abort_reason:
+            error = f"{self._abort_reason} (during step {step.name})"
+        return error
+
+    async def _fail(self, stage: Stage, outcome: Attempts, error: str, **fields: Any) -> str:
+        """Record the stage failed and the saga compensating, in one checkpoint."""
+        await self._finish(stage, outcome, StageStatus.FAILED, {**fields, "state": SagaState.COMPENSATING, "error": error})
+        return error
+
+    # -- plain steps (with bucket locks and RetryLater) --------------------------------------
+    async def _run_task(self, step: Step, index: int, payload: Any, results: dict[str, Any]) -> str | None:
+        saga = self._saga
+        while True:
+            stage = self._latest(step.name)
+            deferred = sum(1 for s in self._stages.values() if s.step == step.name and is_deferred(s))
+            seq = self._resume_seq(stage)
+            ctx = self._ctx(step, seq, payload, results, deferred=deferred)
+            if step.when is not None and not step.when(ctx):
+                return None
+            if stage is not None and is_deferred(stage):
+                # an earlier round asked to run again later: the timer is in the stage
+                waited = await self._await(
+                    f"timer:{step.name}", check=None, until=stage.meta.wake_at, linger=self._linger(step)
+                )
+                if waited.kind == "stop":
+                    await self._begin_compensation(waited.value)
+                    return waited.value
+                stage = None
+                ctx = self._ctx(step, self._resume_seq(None), payload, results, deferred=deferred)
+            if stage is None or stage.status != StageStatus.STARTED:
+                stage = self._new_stage(step, ctx.seq, Action(step.action), req=saga.payload)
+                refused = await self._write_ahead_locked(step, stage, index, ctx)
+                if refused is not None:
+                    return refused
+
+            outcome = await self._attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+            if outcome.deferred is not None:
+                failure = await self._defer(step, stage, outcome)
+                if failure is not None:
+                    return failure
+                continue  # wait for the timer, then run the step again as a new stage
+            if outcome.ok:
+                results[step.name] = _jsonable(outcome.result)
+                await self._finish(stage, outcome, StageStatus.SUCCEEDED, {"cursor": index + 1})
+                return None
+            return await self._fail(stage, outcome, self._failure_text(step, outcome))
+
+    async def _defer(self, step: Step, stage: Stage, outcome: Attempts) -> str | None:
+        """Record a RetryLater round (no effect, nothing to compensate); fail when it cannot fit the TTL."""
+        later = outcome.deferred
+        assert later is not None
+        retry_at = self.clock.now() + timedelta(seconds=later.delay)
+        if retry_at >= self._saga.deadline:
+            outcome.errors.append(
+                f"RetryLater: step {step.name} asked to run again in {later.delay:g}s, after the saga's TTL"
+            )
+            error = f"step {step.name} cannot be retried within the ttl of {self._saga.ttl:g}s ({later.reason or 'retry later'})"
+            return await self._fail(stage, outcome, error)
+        stage.meta.wake_at = retry_at
+        outcome.result = {"outcome": "deferred", "error": later.reason or "retry later", "retry_at": retry_at.isoformat()}
+        await self._finish(stage, outcome, StageStatus.FAILED, {})
+        return None
+
+    async def _write_ahead_locked(self, step: Step, stage: Stage, index: int, ctx: StepContext) -> str | None:
+        """Write the stage ahead, taking the step's bucket locks in the same transaction.
+
+        Returns the error when the step was refused (fail fast, lock wait timed
+        out, or the saga must stop while waiting); the saga is then compensating.
+        """
+        claims = step.lock.claims(ctx, step.bucket) if step.lock is not None else []
+        if not claims:
+            await self._write_ahead([stage], index)
+            return None
+        assert step.lock is not None
+        stage.meta.locks = [f"{bucket}:{key}" for bucket, key in claims]
+        until = (
+            self.clock.now() + timedelta(seconds=step.lock.timeout) if step.lock.timeout is not None else None
+        )
+        while True:
+            stage.started_at = self.clock.now()
+            try:
+                await self._write_ahead([stage], index, locks=claims)
+                return None
+            except LockBusy as busy:
+                if step.lock.on_conflict == "fail":
+                    return await self._refuse(step, stage, index, f"step {step.name} refused: {busy}")
+                if not await self.store.add_lock_waiter(busy.bucket, busy.key, self._saga.id):
+                    continue  # released meanwhile
+                bucket, key = busy.bucket, busy.key
+
+                async def free(_b: str = bucket, _k: str = key) -> bool | None:
+                    return True if await self.store.lock_free(_b, _k, self._saga.id) else None
+
+                waited = await self._await(f"lock:{bucket}:{key}", check=free, until=until, linger=self._linger(step))
+                if waited.kind == "stop":
+                    await self._begin_compensation(waited.value)
+                    return waited.value
+                if waited.kind == "timeout":
+                    return await self._refuse(
+                        step, stage, index, f"step {step.name} gave up after waiting {step.lock.timeout:g}s: {busy}"
+                    )
+
+    async def _refuse(self, step: Step, stage: Stage, index: int, error: str) -> str:
+        """The step never started (no effect, no lock): record it failed and compensate the steps before it."""
+        outcome = Attempts(ok=False, attempts=0, errors=[error])
+        stage.meta.locks = []
+        fields = {"seq": stage.seq, "cursor": index}
+        await self._fail(stage, outcome, error, **fields)
+        self._saga.seq = max(self._saga.seq, stage.seq)
+        return error
+
+    # -- parallel groups -------------------------------------------------------------------
+    async def _run_group(
+        self, members: list[Step], start: int, end: int, payload: Any, results: dict[str, Any]
+    ) -> str | None:
+        saga = self._saga
+        group = members[0].group
+        seq = saga.seq
+        # members see the results of the steps before the group, never each other's (also after a restore)
+        before = {k: v for k, v in results.items() if k not in {m.name for m in members}}
+        todo: list[tuple[Step, Stage, StepContext]] = []
+        new: list[Stage] = []
+        for step in members:
+            stage = self._latest(step.name)
+            if stage is not None and stage.status == StageStatus.SUCCEEDED:
+                continue  # done before a crash; its result is in ``results``
+            member_seq = stage.seq if stage is not None and stage.status == StageStatus.STARTED else seq + 1
+            ctx = self._ctx(step, member_seq, payload, before)
+            if step.when is not None and not step.when(ctx):
+                continue
+            if stage is None or stage.status != StageStatus.STARTED:
+                seq = member_seq
+                stage = self._new_stage(step, seq, Action(step.action), req=saga.payload)
+                stage.meta.group = group
+                new.append(stage)
+            todo.append((step, stage, ctx))
+        if new:
+            await self._write_ahead(new, start)
+        if not todo:
+            return None
+
+        failures: list[str] = []
+        pending = len(todo)
+        book = asyncio.Lock()
+
+        async def member(step: Step, stage: Stage, ctx: StepContext) -> None:
+            nonlocal pending
+            outcome = await self._attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+            if outcome.deferred is not None:
+                outcome.ok = False
+                outcome.errors.append("RetryLater is not supported inside a parallel group")
+            async with book:
+                pending -= 1
+                if outcome.ok:
+                    results[step.name] = _jsonable(outcome.result)
+                    fields = {"cursor": end} if pending == 0 and not failures else {}
+                    await self._finish(stage, outcome, StageStatus.SUCCEEDED, fields)
+                    return
+                error = self._failure_text(step, outcome)
+                fields = {} if failures else {"state": SagaState.COMPENSATING, "error": f"{error} (parallel group {group})"}
+                failures.append(error)
+                await self._finish(stage, outcome, StageStatus.FAILED, fields)
+
+        await asyncio.gather(*(member(*item) for item in todo))
+        return failures[0] if failures else None
+
+    # -- waiting for a signal ----------------------------------------------------------------
+    async def _run_wait(self, step: Step, index: int, payload: Any, results: dict[str, Any]) -> str | None:
+        saga = self._saga
+        stage = self._latest(step.name)
+        ctx = self._ctx(step, self._resume_seq(stage), payload, results)
+        if step.when is not None and not step.when(ctx):
+            return None
+        if stage is None or stage.status != StageStatus.STARTED:
+            stage = self._new_stage(step, ctx.seq, Action.WAIT, req={"signal": step.signal})
+            timeout = seconds_of(step.wait_timeout, ctx)
+            if timeout is not None:
+                stage.meta.wake_at = stage.started_at + timedelta(seconds=timeout)
+            await self._write_ahead([stage], index)
+        consumed = {s.meta.signal_id for s in self._stages.values() if s.meta.signal_id and s.seq != stage.seq}
+        assert step.signal is not None
+        name = step.signal
+
+        async def arrived() -> Any:
+            for signal in await self.store.signals(saga.id, name):
+                if signal.id not in consumed:
+                    return signal
+            return None
+
+        waited = await self._await(f"signal:{name}", check=arrived, until=stage.meta.wake_at, linger=self._linger(step))
+        if waited.kind == "stop":
+            outcome = Attempts(ok=False, errors=[f"stopped while waiting for signal {name!r}: {waited.value}"])
+            return await self._fail(stage, outcome, waited.value)
+        if waited.kind == "timeout":
+            waited_s = (stage.meta.wake_at - stage.started_at).total_seconds() if stage.meta.wake_at else 0.0
+            if step.on_timeout == "continue":
+                done = Attempts(ok=True, result={"signal": name, "timed_out": True}, attempts=0)
+                results[step.name] = done.result
+                await self._finish(stage, done, StageStatus.SUCCEEDED, {"cursor": index + 1})
+                return None
+            error = f"no signal {name!r} within {waited_s:g}s (step {step.name})"
+            return await self._fail(stage, Attempts(ok=False, errors=[error]), error)
+        signal = waited.value
+        stage.meta.signal_id = signal.id
+        ctx.signal = signal.payload
+        outcome = await self._attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+        if outcome.ok:
+            results[step.name] = _jsonable(outcome.result)
+            await self._finish(stage, outcome, StageStatus.SUCCEEDED, {"cursor": index + 1})
+            return None
+        if outcome.deferred is not None:
+            outcome.errors.append("RetryLater is not supported in a signal handler")
+        return await self._fail(stage, outcome, self._failure_text(step, outcome))
+
+    # -- durable timers ----------------------------------------------------------------------
+    async def _run_sleep(self, step: Step, index: int, payload: Any, results: dict[str, Any]) -> str | None:
+        stage = self._latest(step.name)
+        ctx = self._ctx(step, self._resume_seq(stage), payload, results)
+        if step.when is not None and not step.when(ctx):
+            return None
+        if stage is None or stage.status != StageStatus.STARTED:
+            stage = self._new_stage(step, ctx.seq, Action.WAIT, req=None)
+            seconds = seconds_of(step.duration, ctx) or 0.0
+            stage.meta.wake_at = stage.started_at + timedelta(seconds=seconds)
+            stage.req = {"seconds": seconds, "until": stage.meta.wake_at.isoformat()}
+            await self._write_ahead([stage], index)
+        waited = await self._await(f"timer:{step.name}", check=None, until=stage.meta.wake_at, linger=self._linger(step))
+        if waited.kind == "stop":
+            return await self._fail(stage, Attempts(ok=False, errors=[f"stopped while sleeping: {waited.value}"]), waited.value)
+        assert stage.meta.wake_at is not None
+        done = Attempts(ok=True, result={"slept_until": stage.meta.wake_at.isoformat()})
+        results[step.name] = done.result
+        await self._finish(stage, done, StageStatus.SUCCEEDED, {"cursor": index + 1})
+        return None
+
+    # -- child sagas --------------------------------------------------------------------------
+    async def _run_child(self, step: Step, index: int, payload: Any, results: dict[str, Any]) -> str | None:
+        saga = self._saga
+        stage = self._latest(step.name)
+        ctx = self._ctx(step, self._resume_seq(stage), payload, results)
+        if step.when is not None and not step.when(ctx):
+            return None
+        if stage is None or stage.status != StageStatus.STARTED:
+            assert step.child_payload is not None
+            req = {"job": step.child_job, "payload": _jsonable(step.child_payload(ctx))}
+            stage = self._new_stage(step, ctx.seq, Action.CREATE, req=req)
+            await self._write_ahead([stage], index)
+        try:
+            child = await self._ensure_child(step, stage)
+        except InvalidRequest as exc:  # unknown job, bad payload: nothing was created
+            error = f"step {step.name} could not start child saga: {exc}"
+            return await self._fail(stage, Attempts(ok=False, errors=[str(exc)]), error)
+        stage.meta.child = child.id
+
+        async def ended() -> Saga | None:
+            current = await self.store.get(child.id)
+            return current if current.state in TERMINAL_STATES else None
+
+        waited = await self._await(f"child:{child.id}", check=ended, until=None, linger=self._linger(step))
+        if waited.kind == "stop":
+            # the child may have done things: outcome unknown, so the compensation aborts or undoes it
+            outcome = Attempts(ok=False, timed_out=True, errors=[f"stopped while child saga {child.id} ran: {waited.value}"])
+            return await self._fail(stage, outcome, waited.value)
+        final: Saga = waited.value
+        if final.state == SagaState.COMPLETED:
+            child_results = {
+                s.step: s.res
+                for s in await self.store.stages(final.id)
+                if s.action != Action.COMPENSATE and s.status == StageStatus.SUCCEEDED
+            }
+            done = Attempts(ok=True, result={"child": final.id, "job": final.job, "state": final.state.value,
+                                             "results": child_results})  # fmt: skip
+            results[step.name] = done.result
+            await self._finish(stage, done, StageStatus.SUCCEEDED, {"cursor": index + 1})
+            return None
+        error = f"child saga {final.id} ({final.job}) {final.state.value}: {final.error or 'no reason recorded'}"
+        return await self._fail(stage, Attempts(ok=False, errors=[error]), f"step {step.name}: {error}")
+
+    async def _ensure_child(self, step: Step, stage: Stage) -> Saga:
+        """Create the child saga once (idempotency key from this stage), or find it."""
+        saga = self._saga
+        key = child_key(saga.id, stage.seq)
+        existing = await self.store.by_idempotency_key(key)
+        if existing is not None:
+            return existing
+        remaining = max((saga.deadline - self.clock.now()).total_seconds(), 1.0)
+        job = self.registry.get(step.child_job or "")
+        ttl = min(step.child_ttl or job.ttl, remaining)
+        request = StartRequest(
+            job=step.child_job or "",
+            payload=stage.req["payload"],
+            ttl=ttl,
+            idempotency_key=key,
+            correlation_id=saga.correlation_id or saga.id,
+            traceparent=saga.traceparent,
+        )
+        child, event = build_saga(request, self.registry, self.clock)
+        child.parent, child.parent_seq = saga.id, stage.seq
+        child, _ = await self.store.create(child, event)
+        return child
+
+    async def _undo_child(self, forward: Stage, reason: str) -> dict[str, Any]:
+        """Compensation of a child step: abort the child, or compensate it if it completed; wait for the end."""
+        child = await self.store.by_idempotency_key(child_key(self._saga.id, forward.seq))
+        if child is None:
+            return {"child": None, "undone": False, "reason": "the child saga was never created"}
+        delay = POLL_FIRST
+        while True:
+            current = await self.store.get(child.id)
+            if current.state == SagaState.ABORTED:
+                return {"child": current.id, "state": current.state.value}
+            if current.state == SagaState.PARKED:
+                raise RuntimeError(
+                    f"child saga {current.id} is parked ({current.parked_reason}); resolve it "
+                    f"(essential resume/abort {current.id}), then resume this saga"
+                )
+            if current.state == SagaState.COMPLETED:
+                await self.store.reopen_for_compensation(current.id, f"parent saga {self._saga.id}: {reason}")
+            elif current.state != SagaState.COMPENSATING and not current.abort_requested:
+                await self.store.request_abort(current.id, f"parent saga {self._saga.id}: {reason}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, POLL_CAP * 2)
+
+    # -- waiting -----------------------------------------------------------------------------
+    def _linger(self, step: Step) -> float:
+        if self.linger is not None:
+            return self.linger
+        return step.linger if step.linger is not None else DEFAULT_LINGER
+
+    async def _await(
+        self,
+        label: str,
+        *,
+        check: Callable[[], Awaitable[Any]] | None,
+        until: datetime | None,
+        linger: float,
+    ) -> Waited:
+        """Wait until ``check()`` returns something (ready), ``until`` passes (timeout) or the saga must stop.
+
+        After ``linger`` seconds the saga is checkpointed ``waiting`` and
+        :class:`Parked` is raised.  Timers read the runner's clock; the linger
+        is real time (it is about holding an actor, not about business time).
+        """
+        loop = asyncio.get_running_loop()
+        park_at = loop.time() + max(linger, 0.0)
+        refresh_at = loop.time() + REFRESH_EVERY
+        delay = POLL_FIRST
+        while True:
+            if check is not None:
+                value = await check()
+                if value is not None:
+                    return Waited("ready", value)
+            reason = self._stop_reason()
+            if reason:
+                return Waited("stop", reason)
+            now = self.clock.now()
+            if until is not None and now >= until:
+                return Waited("timeout")
+            if loop.time() >= park_at:
+                await self._park_waiting(label, until)
+                # whatever came while we checkpointed is not missed: look once more
+                value = await check() if check is not None else None
+                reason = self._stop_reason()  # e.g. an abort the checkpoint reported
+                if value is not None or reason:
+                    await self._transition({"state": SagaState.RUNNING, "waiting_for": None, "wake_at": None}, [])
+                    return Waited("ready", value) if value is not None else Waited("stop", reason)
+                raise Parked(label)
+            wake = min(until, self._saga.deadline) if until is not None else self._saga.deadline
+            nap = park_at - loop.time()
+            if check is not None:
+                nap = min(nap, delay)
+                delay = min(delay * 1.5, POLL_CAP)
+            await self._nap((wake - now).total_seconds(), nap)
+            if loop.time() >= refresh_at:
+                await self._refresh()
+                refresh_at = loop.time() + REFRESH_EVERY
+
+    async def _nap(self, timer: float, nap: float) -> None:
+        """Sleep until the timer (runner's clock), ``nap`` real seconds, or an abort, whichever comes first."""
+        tasks = {asyncio.ensure_future(self.clock.sleep(max(timer, 0.0))), asyncio.ensure_future(self._abort_event.wait())}
+        if nap != float("inf"):
+            tasks.add(asyncio.ensure_future(asyncio.sleep(max(min(nap, REFRESH_EVERY), 0.0))))
+        else:
+            tasks.add(asyncio.ensure_future(asyncio.sleep(REFRESH_EVERY)))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _refresh(self) -> None:
+        """While waiting in process: learn of a durable abort request, and stop if replaced."""
+        current = await self.store.get(self.saga_id)
+        if current.lease.epoch != self.epoch:
+            raise LeaseLost(self.saga_id, self.epoch)
+        if current.abort_requested:
+            self.request_abort(current.abort_requested)
+
+    async def _park_waiting(self, label: str, until: datetime | None) -> None:
+        deadline = self._saga.deadline
+        wake_at = min(until, deadline) if until is not None else deadline
+        log.info("saga %s waits for %s (wake at %s at the latest)", self.saga_id, label, wake_at.isoformat())
+        await self._transition({"state": SagaState.WAITING, "waiting_for": label, "wake_at": wake_at}, [])
+
     # -- compensation ------------------------------------------------------------------
     async def _compensate(self, job: Job, stages: list[Stage]) -> None:
         saga = self._saga
@@ -190,16 +668,21 @@ class SagaRunner:
             if s.action != Action.COMPENSATE and s.status == StageStatus.SUCCEEDED
         }
         steps = {s.name: s for s in job.steps}
+        reason = saga.error or self._abort_reason or "compensating"
         for forward in compensation_plan(stages):
             step = steps.get(forward.step)
-            if step is None or step.compensate is None:
+            if step is None or (step.compensate is None and step.kind != "child"):
                 continue
             stage = open_compensation(stages, forward.seq)
             if stage is None:
                 seq = saga.seq + 1
                 stage = self._new_stage(step, seq, Action.COMPENSATE, req=forward.res)
                 stage.compensates = forward.seq
-                await self.store.write_ahead(saga.id, self.epoch, stage, {"seq": seq, "updatedAt": stage.started_at})
+                async with self._io:
+                    flag = await self.store.write_ahead(
+                        saga.id, self.epoch, stage, {"seq": seq, "updatedAt": stage.started_at}
+                    )
+                self._note(flag)
                 saga.seq = seq
             ctx = StepContext(
                 saga_id=saga.id,
@@ -210,12 +693,20 @@ class SagaRunner:
                 seq=forward.seq,
                 correlation_id=saga.correlation_id,
                 traceparent=saga.traceparent,
+                deadline=saga.deadline,
+                attempted_at=self.clock.now(),
             )
-            compensate = step.compensate
-            forward_result = forward.res
+            if step.kind == "child":
 
-            async def undo(c: StepContext, _fn=compensate, _res=forward_result) -> Any:
-                return await _fn(c, _res)
+                async def undo(c: StepContext, _fwd: Stage = forward) -> Any:
+                    return await self._undo_child(_fwd, reason)
+
+            else:
+                compensate = step.compensate
+                forward_result = forward.res
+
+                async def undo(c: StepContext, _fn: Any = compensate, _res: Any = forward_result) -> Any:
+                    return await _fn(c, _res)
 
             outcome = await self._attempt(undo, ctx, step.compensation_retry, step.timeout, bounded_by_ttl=False)
             if outcome.ok:
@@ -242,6 +733,7 @@ class SagaRunner:
         while True:
             outcome.attempts += 1
             ctx.attempt = outcome.attempts
+            ctx.attempted_at = self.clock.now()
             limit = timeout
             if bounded_by_ttl:
                 remaining = (self._saga.deadline - self.clock.now()).total_seconds()
@@ -255,6 +747,10 @@ class SagaRunner:
             except asyncio.TimeoutError:
                 outcome.timed_out = True
                 outcome.errors.append(str(StepTimeout(f"timed out after {limit:.3g}s")))
+            except RetryLater as later:
+                outcome.deferred = later
+                outcome.timed_out = False
+                break
             except StepFailed as exc:
                 retryable = False
                 outcome.errors.append(f"{type(exc).__name__}: {exc}")
@@ -290,11 +786,6 @@ class SagaRunner:
         assert self.saga is not None, "run() acquires the saga first"
         return self.saga
 
-    def _next_seq(self, existing: Stage | None) -> int:
-        if existing is not None and existing.status == StageStatus.STARTED:
-            return existing.seq
-        return self._saga.seq + 1
-
     def _new_stage(self, step: Step, seq: int, action: Action, req: Any) -> Stage:
         saga = self._saga
         return Stage(
@@ -312,11 +803,32 @@ class SagaRunner:
             started_at=self.clock.now(),
         )
 
+    def _note(self, abort_requested: Any) -> None:
+        """A fenced write returned the saga's durable abort request: honour it like a notice."""
+        if isinstance(abort_requested, str) and abort_requested:
+            self.request_abort(abort_requested)
+
+    async def _write_ahead(self, stages: list[Stage], index: int, *, locks: list[tuple[str, str]] | None = None) -> None:
+        saga = self._saga
+        seq = max(max(s.seq for s in stages), saga.seq)
+        fields = {"seq": seq, "cursor": index, "updatedAt": stages[0].started_at}
+        async with self._io:
+            if len(stages) > 1:
+                flag = await self.store.write_ahead_many(saga.id, self.epoch, stages, fields)
+            elif locks:
+                flag = await self.store.write_ahead(saga.id, self.epoch, stages[0], fields, locks=locks)
+            else:
+                flag = await self.store.write_ahead(saga.id, self.epoch, stages[0], fields)
+        saga.seq, saga.cursor = seq, index
+        for stage in stages:
+            self._stages[stage.seq] = stage
+        self._note(flag)
+
     async def _finish(self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any]) -> None:
         now = self.clock.now()
         stage.status = status
         stage.finished_at = now
-        if outcome.ok:
+        if outcome.ok or (outcome.deferred is not None and status == StageStatus.FAILED and outcome.result):
             stage.res = _jsonable(outcome.result)
         else:
             stage.res = {
@@ -339,15 +851,21 @@ class SagaRunner:
             status=status.value,
             compensates=stage.compensates,
         )
-        await self.store.record_result(self._saga.id, self.epoch, stage, fields, [event])
+        async with self._io:
+            flag = await self.store.record_result(self._saga.id, self.epoch, stage, fields, [event])
+        self._stages[stage.seq] = stage
         self._apply(fields)
+        self._note(flag)
         if self.observer is not None:
             self.observer.stage_finished(self._saga, stage)
 
     async def _transition(self, fields: dict[str, Any], events: list[Event]) -> None:
         fields = {**fields, "updatedAt": self.clock.now()}
-        await self.store.transition(self._saga.id, self.epoch, fields, events)
+        async with self._io:
+            flag = await self.store.transition(self._saga.id, self.epoch, fields, events)
         self._apply(fields)
+        if fields.get("state") not in TERMINAL_STATES:
+            self._note(flag)
         if self.observer is not None and "state" in fields:
             self.observer.state_changed(self._saga, SagaState(fields["state"]))
 

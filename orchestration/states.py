@@ -8,13 +8,19 @@ class SagaState(StrEnum):
     """Saga lifecycle.
 
     The specification names pending, running, committing, aborted and completed.
-    Two more say what an operator must know:
+    Three more say what an operator must know:
 
     * ``compensating`` – a failure, abort or TTL expiry was decided and the
       completed steps are being undone; the saga can no longer commit.
     * ``parked`` – the saga needs a person: a compensation kept failing or the
       saga could not be resumed.  Nothing touches it until an operator resumes
       or aborts it.
+    * ``waiting`` – the saga is blocked on something outside it (a signal, a
+      durable timer, a child saga, a bucket lock) and holds no actor: its
+      ``waiting_for`` says what, its ``wake_at`` when the supervisor relaunches
+      it at the latest (signal timeout, timer, TTL).  Whatever it waits for
+      moves ``wake_at`` to now when it happens.  It goes back to ``running``
+      when relaunched.
     """
 
     PENDING = "pending"
@@ -24,6 +30,7 @@ class SagaState(StrEnum):
     COMPLETED = "completed"
     ABORTED = "aborted"
     PARKED = "parked"
+    WAITING = "waiting"
 
     @property
     def terminal(self) -> bool:
@@ -32,7 +39,7 @@ class SagaState(StrEnum):
 
 TERMINAL_STATES = frozenset({SagaState.COMPLETED, SagaState.ABORTED})
 LIVE_STATES = frozenset(
-    {SagaState.PENDING, SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING}
+    {SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING, SagaState.COMPENSATING, SagaState.COMMITTING}
 )
 
 
@@ -49,6 +56,7 @@ class Action(StrEnum):
     COMPENSATE = "compensate"
     READ = "read"
     COMMAND = "command"
+    WAIT = "wait"  # a signal, a durable timer or a child saga: the saga waits for it
 
 
 class EventType(StrEnum):

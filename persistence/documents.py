@@ -10,7 +10,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from orchestration.models import Event, Saga, Stage
+from orchestration.models import Event, Saga, Signal, Stage
 
 
 def plain(value: Any) -> Any:
@@ -37,7 +37,7 @@ def saga_to_doc(saga: Saga) -> dict[str, Any]:
 
 
 def saga_from_doc(doc: dict[str, Any]) -> Saga:
-    data = {k: v for k, v in doc.items() if k not in ("_id", "expiresAt", "events")}
+    data = {k: v for k, v in doc.items() if k not in ("_id", "expiresAt", "events", "locks_held")}
     return Saga(id=str(doc["_id"]), **data)
 
 
@@ -51,6 +51,21 @@ def stage_from_doc(doc: dict[str, Any]) -> Stage:
     data = {k: v for k, v in doc.items() if k != "_id"}
     data["saga"] = str(doc["saga"])
     return Stage(**data)
+
+
+def signal_to_doc(signal: Signal) -> dict[str, Any]:
+    doc = plain(signal.model_dump(exclude={"id"}))
+    doc["_id"] = oid(signal.id)
+    doc["saga"] = oid(signal.saga)
+    if doc.get("key") is None:
+        doc.pop("key", None)  # the unique (saga, name, key) index covers keyed signals only
+    return doc
+
+
+def signal_from_doc(doc: dict[str, Any]) -> Signal:
+    data = {k: v for k, v in doc.items() if k != "_id"}
+    data["saga"] = str(doc["saga"])
+    return Signal(id=str(doc["_id"]), **data)
 
 
 def event_to_doc(event: Event, n: int) -> dict[str, Any]:

@@ -10,6 +10,8 @@ SAGA_INDEXES = [
     # admission in arrival order, listings
     IndexModel([("state", ASCENDING), ("createdAt", ASCENDING)], name="state_created"),
     IndexModel([("job", ASCENDING), ("state", ASCENDING)], name="job_state"),
+    # supervisor: waiting sagas that are due (signal came, timer fired, TTL)
+    IndexModel([("state", ASCENDING), ("wake_at", ASCENDING)], name="state_wake"),
     # a repeated start with the same key returns the existing saga
     IndexModel(
         [("idempotency_key", ASCENDING)],
@@ -30,7 +32,27 @@ OUTBOX_INDEXES = [
 ]
 
 
+SIGNAL_INDEXES = [
+    IndexModel([("saga", ASCENDING), ("name", ASCENDING), ("at", ASCENDING)], name="saga_name_at"),
+    # a signal redelivered with the same key (Kafka, HTTP retries) is stored once
+    IndexModel(
+        [("saga", ASCENDING), ("name", ASCENDING), ("key", ASCENDING)],
+        name="saga_name_key_unique",
+        unique=True,
+        partialFilterExpression={"key": {"$type": "string"}},
+    ),
+]
+
+LOCK_INDEXES = [
+    # one holder per business key of a bucket
+    IndexModel([("bucket", ASCENDING), ("key", ASCENDING)], name="bucket_key_unique", unique=True),
+    IndexModel([("saga", ASCENDING)], name="holder"),
+]
+
+
 async def ensure_indexes(db: AsyncDatabase) -> None:
     await db["sagas"].create_indexes(SAGA_INDEXES)
     await db["stages"].create_indexes(STAGE_INDEXES)
     await db["outbox"].create_indexes(OUTBOX_INDEXES)
+    await db["signals"].create_indexes(SIGNAL_INDEXES)
+    await db["locks"].create_indexes(LOCK_INDEXES)

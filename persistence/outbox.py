@@ -1,16 +1,17 @@
-"""Relay queries on an outbox collection: claim a batch, mark it sent, release it.
+"""Relay queries on an outbox collection: the relay lease, the next batch, marking rows sent.
 
 Two collections have the outbox shape (``_id``, ``topic``, ``key``, ``saga``,
 ``n``, ``body``, ``headers``, ``createdAt``, ``sent_at``): ``outbox``, written by
 the saga store in the same transaction as each state change, and
 ``command_outbox``, written by Kafka steps (:mod:`persistence.command_outbox`).
 
-Why claims: several gateways may relay the same collection.  A gateway claims
-a batch with a lease (``claimed_by``/``claimed_until``); the others skip it
-until the lease runs out, so a batch is normally published once, and a batch
-whose gateway died is taken over when its lease expires.  Why the ordering
-guard: one saga's rows must be published in ``n`` order, so a gateway never
-keeps rows of a saga that has an earlier unsent row held by someone else.
+Why a lease per collection rather than claims per row: several gateways may
+run, but one saga's rows must be published in ``n`` order, and marking each
+row claimed costs a write per row (measured on the dev MongoDB: that write
+doubled the relay's cost).  So one gateway at a time relays a collection: it
+holds a lease in ``relay_leases`` (owner + expiry) and renews it while it
+works; the others stand by and take over when the lease runs out.  A gateway
+restarted under the same name takes its lease back at once.
 """
 from __future__ import annotations
 
@@ -18,18 +19,18 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel
+from pymongo import ASCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
+
+LEASES = "relay_leases"
 
 #: publication order: oldest first, then each saga's rows by their sequence
 RELAY_ORDER = [("createdAt", ASCENDING), ("saga", ASCENDING), ("n", ASCENDING)]
 
-RELAY_INDEXES = [
-    IndexModel([("sent_at", ASCENDING), *RELAY_ORDER], name="relay_order"),
-    IndexModel([("claimed_by", ASCENDING), ("sent_at", ASCENDING)], name="relay_claims"),
-]
+RELAY_INDEXES = [IndexModel([("sent_at", ASCENDING), *RELAY_ORDER], name="relay_order")]
 
-_CLAIM = {"claimed_by": "", "claimed_until": ""}
+_UNSENT = {"sent_at": None, "refused_at": None}
 
 
 def utcnow() -> datetime:
@@ -38,81 +39,79 @@ def utcnow() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
-def _free(now: datetime) -> dict[str, Any]:
-    """Unsent and not claimed by anyone whose lease still runs."""
-    return {"sent_at": None, "$or": [{"claimed_until": None}, {"claimed_until": {"$lt": now}}]}
-
-
 class OutboxQueue:
     """The relay's view of one outbox collection, as gateway ``owner``."""
 
     def __init__(self, collection: AsyncCollection, owner: str) -> None:
         self.collection = collection
         self.owner = owner
+        self.leases = collection.database[LEASES]
+        self._held_until: datetime | None = None
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_indexes(RELAY_INDEXES)
 
-    async def claim(self, limit: int, lease: float) -> list[dict[str, Any]]:
-        """Claim up to ``limit`` unsent rows for ``lease`` seconds; returns them in publication order."""
+    # -- the relay lease ---------------------------------------------------------------------
+    async def hold(self, lease: float) -> bool:
+        """True while this owner holds the collection's relay lease (renewed once a fifth of it is used)."""
         now = utcnow()
-        rows = await self.collection.find(_free(now)).sort(RELAY_ORDER).limit(limit).to_list()
-        if not rows:
-            return []
+        if self._held_until is not None and self._held_until - now > timedelta(seconds=lease * 0.8):
+            return True
         until = now + timedelta(seconds=lease)
-        ids = [r["_id"] for r in rows]
-        result = await self.collection.update_many(
-            {"_id": {"$in": ids}, **_free(now)}, {"$set": {"claimed_by": self.owner, "claimed_until": until}}
-        )
-        if result.modified_count != len(ids):  # lost some to another gateway: keep what is ours
-            mine = {"_id": {"$in": ids}, "claimed_by": self.owner, "claimed_until": until, "sent_at": None}
-            rows = await self.collection.find(mine).sort(RELAY_ORDER).to_list()
-        return await self._yield_to_earlier(rows)
+        try:
+            doc = await self.leases.find_one_and_update(
+                {"_id": self.collection.name, "$or": [{"owner": self.owner}, {"until": {"$lt": now}}]},
+                {"$set": {"owner": self.owner, "until": until}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except DuplicateKeyError:  # another owner's lease still runs
+            doc = None
+        self._held_until = until if doc is not None else None
+        return doc is not None
 
-    async def _yield_to_earlier(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Give back rows of a saga whose earlier unsent row someone else holds (per-saga order)."""
-        if not rows:
-            return rows
-        sagas = list({r["saga"] for r in rows})
-        others = self.collection.find(
-            {"saga": {"$in": sagas}, "sent_at": None, "claimed_by": {"$ne": self.owner}}, {"saga": 1, "n": 1}
+    async def release_lease(self) -> None:
+        """Hand the lease over at once (a clean stop) instead of letting it expire."""
+        self._held_until = None
+        await self.leases.update_one(
+            {"_id": self.collection.name, "owner": self.owner}, {"$set": {"until": utcnow()}}
         )
-        first_other: dict[Any, int] = {}
-        async for doc in others:
-            n = doc.get("n", 0)
-            if doc["saga"] not in first_other or n < first_other[doc["saga"]]:
-                first_other[doc["saga"]] = n
-        keep = [r for r in rows if r["saga"] not in first_other or r["n"] < first_other[r["saga"]]]
-        if len(keep) != len(rows):
-            kept = {r["_id"] for r in keep}
-            await self.release(r["_id"] for r in rows if r["_id"] not in kept)
-        return keep
+
+    async def lease_holder(self) -> str | None:
+        doc = await self.leases.find_one({"_id": self.collection.name})
+        return doc["owner"] if doc and doc["until"].replace(tzinfo=timezone.utc) > utcnow() else None
+
+    # -- rows ------------------------------------------------------------------------------------
+    async def next_batch(self, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` unsent rows in publication order (rows Kafka refused for good excepted)."""
+        return await self.collection.find(_UNSENT).sort(RELAY_ORDER).limit(limit).to_list()
 
     async def mark_sent(self, ids: Iterable[Any]) -> int:
-        """Record Kafka's acknowledgement: these rows are never published again."""
+        """Record Kafka's acknowledgement: these rows are not published again."""
         ids = list(ids)
         if not ids:
             return 0
         result = await self.collection.update_many(
-            {"_id": {"$in": ids}}, {"$set": {"sent_at": utcnow()}, "$unset": _CLAIM}
+            {"_id": {"$in": ids}, "sent_at": None}, {"$set": {"sent_at": utcnow()}}
         )
         return result.modified_count
 
-    async def release(self, ids: Iterable[Any]) -> None:
-        """Give unsent rows back (a failed publish) so the next round, here or elsewhere, retries them."""
-        ids = list(ids)
-        if ids:
-            await self.collection.update_many(
-                {"_id": {"$in": ids}, "claimed_by": self.owner, "sent_at": None}, {"$unset": _CLAIM}
-            )
+    async def mark_refused(self, errors: dict[Any, str]) -> None:
+        """Set aside rows Kafka will never take (too large, invalid topic), so they cannot block the relay."""
+        now = utcnow()
+        for row_id, error in errors.items():
+            await self.collection.update_one({"_id": row_id}, {"$set": {"refused_at": now, "relay_error": error}})
 
-    async def release_all(self) -> int:
-        """Drop every claim this owner holds: a restarted gateway resumes at once, not after the lease."""
-        result = await self.collection.update_many({"claimed_by": self.owner, "sent_at": None}, {"$unset": _CLAIM})
+    async def refused(self) -> int:
+        return await self.collection.count_documents({"sent_at": None, "refused_at": {"$ne": None}})
+
+    async def rewind(self, since: datetime) -> int:
+        """Mark rows sent since ``since`` unsent again: the broker lost them (see actors.broker_watch)."""
+        result = await self.collection.update_many({"sent_at": {"$gte": since}}, {"$set": {"sent_at": None}})
         return result.modified_count
 
     async def pending(self) -> int:
-        return await self.collection.count_documents({"sent_at": None})
+        return await self.collection.count_documents(_UNSENT)
 
     async def prune_sent(self, older_than: datetime) -> int:
         """Delete rows published before ``older_than`` (the outbox is a queue, not an archive)."""

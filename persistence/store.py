@@ -3,6 +3,20 @@
 Every checkpoint is one multi-document transaction (``with_transaction``, which
 retries the transient write conflicts the dev server raises readily) that updates
 the saga fenced by its lease epoch, writes the stage, and appends outbox events.
+
+Beyond sagas, stages and the outbox:
+
+* ``signals`` – ``{saga, name, payload, key, at}``, stored when a signal arrives
+  (whether or not anything runs the saga); a ``key`` deduplicates redeliveries;
+* ``locks`` – bucket locks ``{bucket, key, saga, job, seq, epoch, at, waiters}``,
+  unique per (bucket, key), taken in a stage's write-ahead transaction and
+  released in the saga's terminal transition.  A lock whose holder has ended
+  (or vanished) is free: it never outlives its saga.
+
+Waking a waiting saga sets its ``wake_at`` to now, conditional on it still
+waiting; the supervisor relaunches waiting sagas that are due.  The runner
+checkpoints ``waiting`` *before* its last look at what it waits for, and every
+waker writes what happened *before* it wakes, so a wake-up is never lost.
 """
 from __future__ import annotations
 
@@ -10,6 +24,7 @@ import asyncio
 import logging
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from typing import Any, Awaitable, Callable, TypeVar
 
 from bson import ObjectId
@@ -17,11 +32,21 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from orchestration.errors import IllegalTransition, LeaseLost, SagaNotFound
-from orchestration.models import Event, Saga, Stage
+from orchestration.errors import IllegalTransition, LeaseLost, LockBusy, SagaNotFound
+from orchestration.models import Event, Saga, Signal, Stage
 from orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
 
-from .documents import event_to_doc, oid, plain, saga_from_doc, saga_to_doc, stage_from_doc, stage_to_doc
+from .documents import (
+    event_to_doc,
+    oid,
+    plain,
+    saga_from_doc,
+    saga_to_doc,
+    signal_from_doc,
+    signal_to_doc,
+    stage_from_doc,
+    stage_to_doc,
+)
 from .indexes import ensure_indexes
 
 
@@ -64,6 +89,20 @@ async def resilient(op: Callable[[], Awaitable[T]], what: str, budget: float = O
             delay = min(delay * 2, 5.0)
 
 
+class _LockRace(Exception):
+    """Another transaction inserted the lock between our read and our insert: read again."""
+
+
+def lock_label(bucket: str, key: str) -> str:
+    """``waiting_for`` of a saga waiting for a bucket lock."""
+    return f"lock:{bucket}:{key}"
+
+
+def _utcnow() -> datetime:
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def _session_hex(session: AsyncClientSession) -> str:
     raw = session.session_id["id"]
     return str(uuid.UUID(bytes=bytes(raw)))
@@ -78,6 +117,8 @@ class MongoSagaStore:
         self.sagas = self.db["sagas"]
         self.stages_col = self.db["stages"]
         self.outbox = self.db["outbox"]
+        self.signals_col = self.db["signals"]
+        self.locks = self.db["locks"]
         # One logical session per saga being driven here: its id is the saga's
         # ``session`` field, and a runner uses it strictly sequentially.
         self._sessions: dict[str, AsyncClientSession] = {}
@@ -98,14 +139,14 @@ class MongoSagaStore:
 
     async def _fenced_update(
         self, session: AsyncClientSession, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]
-    ) -> None:
+    ) -> dict[str, Any]:
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
         doc = await self.sagas.find_one_and_update(
             {"_id": oid(saga_id), "lease.epoch": epoch},
             update,
-            projection={"events": 1},
+            projection={"events": 1, "abort_requested": 1, "parent": 1, "job": 1, "locks_held": 1},
             return_document=ReturnDocument.AFTER,
             session=session,
         )
@@ -116,6 +157,7 @@ class MongoSagaStore:
             await self.outbox.insert_many(
                 [event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session
             )
+        return doc
 
     # -- SagaStore ---------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
@@ -187,35 +229,211 @@ class MongoSagaStore:
         if session is not None:
             await session.end_session()
 
-    async def write_ahead(self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any]) -> None:
+    async def write_ahead(
+        self,
+        saga_id: str,
+        epoch: int,
+        stage: Stage,
+        fields: dict[str, Any],
+        *,
+        locks: Sequence[tuple[str, str]] = (),
+    ) -> str | None:
         stage_doc = stage_to_doc(stage)
 
-        async def body(session: AsyncClientSession) -> None:
-            await self._fenced_update(session, saga_id, epoch, fields, [])
-            await self.stages_col.insert_one(dict(stage_doc), session=session)
+        # ``locks_held`` tells the terminal transition to look for locks to release (most sagas have none)
+        update = {**fields, "locks_held": True} if locks else fields
 
-        await self._in_transaction(saga_id, body)
+        async def body(session: AsyncClientSession) -> str | None:
+            doc = await self._fenced_update(session, saga_id, epoch, update, [])
+            if locks:
+                await self._take_locks(session, saga_id, doc.get("job"), epoch, stage.seq, locks)
+            await self.stages_col.insert_one(dict(stage_doc), session=session)
+            return doc.get("abort_requested")
+
+        for _ in range(5):
+            try:
+                return await self._in_transaction(saga_id, body)
+            except _LockRace:
+                continue  # a concurrent taker committed first: the next read sees who holds it
+        bucket, key = locks[0]
+        raise LockBusy(bucket, key, None)
+
+    async def write_ahead_many(
+        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any]
+    ) -> str | None:
+        docs = [stage_to_doc(s) for s in stages]
+
+        async def body(session: AsyncClientSession) -> str | None:
+            doc = await self._fenced_update(session, saga_id, epoch, fields, [])
+            await self.stages_col.insert_many([dict(d) for d in docs], session=session)
+            return doc.get("abort_requested")
+
+        return await self._in_transaction(saga_id, body)
 
     async def record_result(
         self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], events: list[Event]
-    ) -> None:
+    ) -> str | None:
         stage_doc = stage_to_doc(stage)
 
-        async def body(session: AsyncClientSession) -> None:
-            await self._fenced_update(session, saga_id, epoch, fields, events)
+        async def body(session: AsyncClientSession) -> str | None:
+            doc = await self._fenced_update(session, saga_id, epoch, fields, events)
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_doc, upsert=True, session=session
             )
+            return doc.get("abort_requested")
 
-        await self._in_transaction(saga_id, body)
+        return await self._in_transaction(saga_id, body)
 
-    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> None:
-        async def body(session: AsyncClientSession) -> None:
-            await self._fenced_update(session, saga_id, epoch, fields, events)
+    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> str | None:
+        terminal = fields.get("state") in TERMINAL_STATES
+        released: list[dict[str, Any]] = []
+        found: dict[str, Any] = {}
 
-        await self._in_transaction(saga_id, body)
-        if fields.get("state") in TERMINAL_STATES:
+        async def body(session: AsyncClientSession) -> str | None:
+            doc = await self._fenced_update(session, saga_id, epoch, fields, events)
+            found.clear()
+            found.update(doc)
+            released.clear()
+            if terminal and doc.get("locks_held"):  # the saga ended: its locks go in the same transaction
+                held = [d async for d in self.locks.find({"saga": oid(saga_id)}, session=session)]
+                if held:
+                    await self.locks.delete_many({"saga": oid(saga_id)}, session=session)
+                released.extend(held)
+            return doc.get("abort_requested")
+
+        flag = await self._in_transaction(saga_id, body)
+        if terminal:
             await self.release(saga_id)
+            # after the commit: whoever checks after its own "waiting" checkpoint sees the change
+            for lock in released:
+                for waiter in lock.get("waiters") or []:
+                    await self.wake(str(waiter), lock_label(lock["bucket"], lock["key"]))
+            if found.get("parent") is not None:
+                await self.wake(str(found["parent"]), f"child:{saga_id}")
+        return flag
+
+    # -- bucket locks ------------------------------------------------------------------
+    async def _holder_ended(self, session: AsyncClientSession | None, holder: Any) -> tuple[bool, dict[str, Any]]:
+        doc = await self.sagas.find_one({"_id": holder}, {"state": 1, "job": 1}, session=session)
+        return doc is None or doc.get("state") in {s.value for s in TERMINAL_STATES}, doc or {}
+
+    async def _take_locks(
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        job: str | None,
+        epoch: int,
+        seq: int,
+        claims: Sequence[tuple[str, str]],
+    ) -> None:
+        me = oid(saga_id)
+        now = _utcnow()
+        for bucket, key in claims:
+            held = await self.locks.find_one({"bucket": bucket, "key": key}, session=session)
+            mine = {"saga": me, "job": job, "seq": seq, "epoch": epoch, "at": now}
+            if held is None:
+                try:
+                    await self.locks.insert_one({"bucket": bucket, "key": key, "waiters": [], **mine}, session=session)
+                except DuplicateKeyError:
+                    raise _LockRace() from None
+                continue
+            if held["saga"] == me:
+                continue  # ours already (a re-run of the stage, or an earlier step took it)
+            ended, holder = await self._holder_ended(session, held["saga"])
+            if not ended:
+                raise LockBusy(bucket, key, str(held["saga"]), holder.get("job"), holder.get("state"))
+            # its saga ended without releasing it (pruned, or edited by hand): it is free
+            await self.locks.update_one(
+                {"_id": held["_id"], "saga": held["saga"]}, {"$set": mine}, session=session
+            )
+
+    async def lock_free(self, bucket: str, key: str, saga_id: str) -> bool:
+        held = await resilient(lambda: self.locks.find_one({"bucket": bucket, "key": key}), "read lock")
+        if held is None or held["saga"] == oid(saga_id):
+            return True
+        ended, _ = await self._holder_ended(None, held["saga"])
+        return ended
+
+    async def add_lock_waiter(self, bucket: str, key: str, saga_id: str) -> bool:
+        me = oid(saga_id)
+        res = await resilient(
+            lambda: self.locks.update_one(
+                {"bucket": bucket, "key": key, "saga": {"$ne": me}}, {"$addToSet": {"waiters": me}}
+            ),
+            "wait for lock",
+        )
+        return res.matched_count == 1
+
+    async def locks_of(self, saga_id: str) -> list[dict[str, Any]]:
+        return [d async for d in self.locks.find({"saga": oid(saga_id)})]
+
+    # -- waking waiting sagas ----------------------------------------------------------
+    async def wake(self, saga_id: str, waiting_for: str | None = None) -> bool:
+        query: dict[str, Any] = {"_id": oid(saga_id), "state": SagaState.WAITING.value}
+        if waiting_for is not None:
+            query["waiting_for"] = waiting_for
+        res = await resilient(lambda: self.sagas.update_one(query, {"$set": {"wake_at": _utcnow()}}), "wake saga")
+        return res.modified_count == 1
+
+    async def list_due(self, now: datetime, limit: int = 500) -> list[Saga]:
+        """Waiting sagas to relaunch: their signal, child or lock came, or their timer or TTL is due."""
+        cursor = (
+            self.sagas.find({"state": SagaState.WAITING.value, "wake_at": {"$lte": now}})
+            .sort("wake_at", ASCENDING)
+            .limit(limit)
+        )
+        return [saga_from_doc(d) async for d in cursor]
+
+    # -- signals -----------------------------------------------------------------------
+    async def deliver_signal(
+        self, saga_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> tuple[Saga, bool]:
+        """Store a signal for the saga (durably, first), then wake it if it waits for it.
+
+        Returns the saga (after the wake-up) and whether the signal is new (a
+        repeated ``key`` is ignored).  A saga that has ended refuses signals.
+        """
+        saga = await self.get(saga_id)
+        if saga.state in TERMINAL_STATES:
+            raise IllegalTransition(
+                f"saga {saga_id} is {saga.state.value}; signal {name!r} can no longer be delivered"
+            )
+        signal = Signal(saga=saga_id, name=name, payload=payload, key=key, at=_utcnow())
+        created = True
+        try:
+            await resilient(lambda: self.signals_col.insert_one(signal_to_doc(signal)), "store signal")
+        except DuplicateKeyError:
+            created = False
+        if await self.wake(saga_id, f"signal:{name}"):
+            return await self.get(saga_id), created
+        return saga, created
+
+    async def signals(self, saga_id: str, name: str) -> list[Signal]:
+        async def read() -> list[Signal]:
+            cursor = self.signals_col.find({"saga": oid(saga_id), "name": name}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+            return [signal_from_doc(d) async for d in cursor]
+
+        return await resilient(read, "read signals")
+
+    # -- child sagas -------------------------------------------------------------------
+    async def by_idempotency_key(self, key: str) -> Saga | None:
+        doc = await resilient(lambda: self.sagas.find_one({"idempotency_key": key}), "read saga by key")
+        return None if doc is None else saga_from_doc(doc)
+
+    async def reopen_for_compensation(self, saga_id: str, reason: str) -> Saga:
+        """A completed child whose parent compensates goes back to ``compensating`` (no actor:
+        the supervisor restores it like any saga whose actor is gone)."""
+        doc = await resilient(
+            lambda: self.sagas.find_one_and_update(
+                {"_id": oid(saga_id), "state": SagaState.COMPLETED.value, "parent": {"$ne": None}},
+                {"$set": {"state": SagaState.COMPENSATING.value, "error": reason, "abort_requested": reason,
+                          "updatedAt": _utcnow(), "restore_attempts": 0},
+                 "$inc": {"lease.epoch": 1}},  # fmt: skip
+                return_document=ReturnDocument.AFTER,
+            ),
+            "reopen child saga",
+        )
+        return saga_from_doc(doc) if doc else await self.get(saga_id)
 
     async def request_abort(self, saga_id: str, reason: str) -> Saga:
         saga = await self.get(saga_id)
@@ -233,7 +451,10 @@ class MongoSagaStore:
         )
         if doc is None:  # raced with a transition; report what it is now
             return await self.get(saga_id)
-        return saga_from_doc(doc)
+        saga = saga_from_doc(doc)
+        if saga.state == SagaState.WAITING and await self.wake(saga_id):
+            return await self.get(saga_id)  # due now: relaunched to compensate
+        return saga
 
     async def list(
         self,
@@ -311,6 +532,8 @@ class MongoSagaStore:
             return 0
         now = datetime.now(timezone.utc)
         await self.stages_col.update_many({"saga": {"$in": ids}}, {"$set": {"req": None, "res": None, "pruned": True}})
+        await self.signals_col.delete_many({"saga": {"$in": ids}})
+        await self.locks.delete_many({"saga": {"$in": ids}})  # released at the end already; never kept
         await self.sagas.update_many({"_id": {"$in": ids}}, {"$set": {"pruned_at": now, "payload": {}}})
         return len(ids)
 

@@ -76,6 +76,7 @@ def init_ray() -> None:
 
     bind_ray_to_loopback()
     ray.init(
+        address="local",  # a new cluster, never one that /tmp/ray/ray_current_cluster names
         _node_ip_address="127.0.0.1",
         namespace="essential",
         num_cpus=2,

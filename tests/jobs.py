@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 from pymongo.errors import DuplicateKeyError
@@ -33,7 +34,9 @@ def _db():
 
 async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
     db = _db()
-    await db.calls.insert_one({"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "run"})
+    await db.calls.insert_one(
+        {"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "run", "at": datetime.now(timezone.utc)}
+    )
     delay = ctx.payload.sleep.get(step, 0)
     if delay:
         await asyncio.sleep(delay)
@@ -43,7 +46,9 @@ async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
         if ctx.payload.fail_times == 0 or ctx.attempt <= ctx.payload.fail_times:
             raise RuntimeError(f"injected failure in {step} (attempt {ctx.attempt})")
     try:
-        await db.effects.insert_one({"_id": ctx.idempotency_key, "saga": ctx.saga_id, "step": step})
+        await db.effects.insert_one(
+            {"_id": ctx.idempotency_key, "saga": ctx.saga_id, "step": step, "at": datetime.now(timezone.utc)}
+        )
     except DuplicateKeyError:
         pass  # already applied by an earlier run of this stage
     return {"step": step, "key": ctx.idempotency_key}
@@ -124,3 +129,120 @@ MANUAL_TOPIC = "test.manual.commands"  # nobody serves it: the test answers by h
 remote = _remote("test:remote", topic=PAYMENTS_TOPIC, reply_timeout=90)
 remote_timeout = _remote("test:remote-timeout", topic=PAYMENTS_TOPIC, reply_timeout=2, compensate_timeout=60)
 remote_manual = _remote("test:remote-manual", topic=MANUAL_TOPIC, reply_timeout=240)
+
+
+# --------------------------------------------------------------------------- issue 9: beyond a chain
+class FlowKnobs(Knobs):
+    """Knobs of the jobs below: what their waits, timers, children and locks use."""
+
+    wallet: str = "w-1"
+    signal_timeout: float | None = None
+    nap: float = 1.0
+    defer: float = Field(0.0, ge=0, description="seconds step 'poll' asks to be retried in (RetryLater)")
+    defer_rounds: int = Field(1, ge=0)
+    child: dict = Field(default_factory=dict, description="payload of the child saga")
+
+
+def _flow(name: str, *, ttl: float = 120.0) -> Job:
+    return Job(name, payload=FlowKnobs, ttl=ttl)
+
+
+def _signal_job(name: str, linger: float) -> Job:
+    job = _flow(name)
+    _add_local(job, "a")
+    go = job.wait_for("go", name="go", timeout=lambda ctx: ctx.payload.signal_timeout, linger=linger)
+
+    @go.on_signal
+    async def check(ctx: StepContext[FlowKnobs]) -> dict:
+        await _db().calls.insert_one({"saga": ctx.saga_id, "step": "go", "kind": "signal", "payload": ctx.signal})
+        if isinstance(ctx.signal, dict) and ctx.signal.get("refuse"):
+            from orchestration import StepFailed
+
+            raise StepFailed(f"signal refused: {ctx.signal['refuse']}")
+        return {"got": ctx.signal}
+
+    _add_local(job, "c")
+    return job
+
+
+def _sleep_job(name: str, linger: float) -> Job:
+    job = _flow(name)
+    _add_local(job, "a")
+    job.sleep("nap", seconds=lambda ctx: ctx.payload.nap, linger=linger)
+    _add_local(job, "c")
+    return job
+
+
+# a, then b, c, d concurrently, then e
+parallel = _flow("test:parallel")
+_add_local(parallel, "a")
+with parallel.parallel("fan"):
+    for _name in ("b", "c", "d"):
+        _add_local(parallel, _name)
+_add_local(parallel, "e")
+
+signal_parks = _signal_job("test:signal", linger=0)  # checkpointed waiting at once: no actor while it waits
+signal_lingers = _signal_job("test:signal-linger", linger=120)  # waits inside its actor
+sleep_parks = _sleep_job("test:sleep", linger=0)
+sleep_lingers = _sleep_job("test:sleep-linger", linger=120)
+
+
+# a step that asks to run again later (a durable timer), defer_rounds times
+later = _flow("test:later", ttl=120)
+_add_local(later, "a")
+
+
+@later.step(bucket="test.poll", action="read", retry=RetryPolicy(attempts=2, backoff=0.01))
+async def poll(ctx: StepContext[FlowKnobs]) -> dict:
+    from orchestration import RetryLater
+
+    await _db().calls.insert_one({"saga": ctx.saga_id, "step": "poll", "kind": "run", "deferred": ctx.deferred})
+    if ctx.deferred < ctx.payload.defer_rounds and ctx.payload.defer > 0:
+        raise RetryLater(ctx.payload.defer, reason="not ready yet")
+    return {"rounds": ctx.deferred}
+
+
+_add_local(later, "c")
+
+
+# a child job and parents that start it
+child_job = _chain("test:child", ["x", "y"])
+
+
+def _parent_job(name: str, linger: float) -> Job:
+    job = _flow(name, ttl=180)
+    _add_local(job, "a")
+    job.child("kid", job="test:child", payload=lambda ctx: ctx.payload.child, linger=linger, compensation_timeout=120)
+    _add_local(job, "c")
+    return job
+
+
+parent = _parent_job("test:parent", linger=0)
+parent_lingers = _parent_job("test:parent-linger", linger=120)
+
+
+# bucket locks on the payload's wallet: wait for it, or fail fast
+def _lock_job(name: str, on_conflict: str, *, first: bool) -> Job:
+    from orchestration import Lock
+
+    job = _flow(name)
+    if not first:
+        _add_local(job, "x")  # a step before the locked one: compensated when the lock is refused
+
+    async def run(ctx: StepContext[FlowKnobs]) -> dict:
+        return await _behave(ctx, "a")
+
+    async def undo(ctx: StepContext[FlowKnobs], result: dict | None) -> dict:
+        return await _undo(ctx, "a", result)
+
+    lock = Lock(keys=lambda ctx: ctx.payload.wallet, on_conflict=on_conflict)  # type: ignore[arg-type]
+    step = job.step(bucket="test.wallets", action="update", name="a", retry=RetryPolicy(attempts=3, backoff=0.01),
+                    timeout=30, lock=lock)(run)  # fmt: skip
+    step.compensation(undo)
+    _add_local(job, "b", timeout=30)
+    _add_local(job, "c")
+    return job
+
+
+lock_wait = _lock_job("test:lock-wait", "wait", first=True)
+lock_fail = _lock_job("test:lock-fail", "fail", first=False)

@@ -23,7 +23,6 @@ import ray
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from actors.embedded_kafka import ensure_topics
 from actors.gateway import GATEWAY_NAME, ensure_gateway
 from actors.saga_actor import actor_name
 from orchestration import SagaState
@@ -140,8 +139,8 @@ def _stop_actor(name: str) -> None:
     except ValueError:
         return
     try:
-        ray.get(handle.stop.remote(), timeout=60)
-    except Exception:  # noqa: BLE001 - exit_actor ends the call with an error; kill if it hangs
+        ray.get(handle.stop.remote(), timeout=60)  # leaves the consumer group at once
+    finally:
         ray.kill(handle, no_restart=True)
 
 
@@ -214,7 +213,7 @@ async def test_start_command_runs_saga_and_events_arrive_in_order(
 
 
 async def test_abort_command_compensates_a_running_saga(
-    gateway: Any, producer: AIOKafkaProducer, mongo: Any, client: Any, store: Any, settings: Any
+    gateway: Any, producer: AIOKafkaProducer, kafka: Any, mongo: Any, client: Any, store: Any, settings: Any
 ) -> None:
     correlation = f"c-{uuid.uuid4()}"
     await producer.send_and_wait(
@@ -228,10 +227,17 @@ async def test_abort_command_compensates_a_running_saga(
 
     await poll(b_started, timeout=60, what="step b to start")
     abort = {"schema": 1, "type": "abort", "saga": saga_id, "reason": "cancelled over Kafka"}
-    await producer.send_and_wait(settings.kafka_command_topic, json.dumps(abort).encode())
-    saga = await wait_saga(client, saga_id)
-    assert saga.state == SagaState.ABORTED
-    assert "cancelled over Kafka" in (saga.error or "")
+    async with Tap(kafka.bootstrap, *LIFECYCLE) as tap:
+        await producer.send_and_wait(settings.kafka_command_topic, json.dumps(abort).encode())
+        saga = await wait_saga(client, saga_id)
+        assert saga.state == SagaState.ABORTED
+        assert "cancelled over Kafka" in (saga.error or "")
+        await poll(lambda: any(r.topic == "saga.aborted" for r in tap.for_saga(saga_id)), timeout=60,
+                   what="saga.aborted on Kafka")  # fmt: skip
+        events = first_of_each(tap.for_saga(saga_id))
+    topics = [r.topic for r in sorted(events, key=lambda r: body(r)["n"])]
+    assert topics[0] == "saga.started" and topics[-1] == "saga.aborted" and "saga.completed" not in topics
+    assert_published_in_order(events)
 
 
 async def test_bad_commands_are_dead_lettered_while_valid_ones_are_applied(
@@ -274,6 +280,30 @@ async def test_bad_commands_are_dead_lettered_while_valid_ones_are_applied(
     assert "fail_times" in reasons["invalid_payload"]
     assert "jobb" in reasons["invalid_command"] or "job" in reasons["invalid_command"]
     assert "recorded sagas" in reasons["unsupported"]
+
+
+async def test_a_row_kafka_can_never_take_is_set_aside_and_does_not_block_the_relay(
+    gateway: Any, kafka: Any, mongo: Any
+) -> None:
+    from orchestration.models import Event, new_id
+    from orchestration.states import EventType
+    from persistence.documents import event_to_doc
+    from persistence.outbox import utcnow
+
+    def row(big: bool) -> dict[str, Any]:
+        data = {"blob": "x" * (3 * 1024 * 1024)} if big else {}
+        event = Event(type=EventType.STARTED, saga=new_id(), job="test:manual-row", state=SagaState.PENDING,
+                      at=utcnow(), data=data)  # fmt: skip
+        return event_to_doc(event, 1)
+
+    huge, normal = row(big=True), row(big=False)
+    async with Tap(kafka.bootstrap, "saga.started") as tap:
+        await mongo[TEST_DB].outbox.insert_many([huge, normal])
+        await poll(lambda: tap.for_saga(normal["key"]), timeout=60, what="the row after the huge one")
+    refused = await poll(lambda: mongo[TEST_DB].outbox.find_one({"_id": huge["_id"], "refused_at": {"$ne": None}}),
+                         timeout=60, what="the huge row set aside")  # fmt: skip
+    assert refused["sent_at"] is None
+    assert "TooLarge" in refused["relay_error"]
 
 
 # --------------------------------------------------------------------------- participants over Kafka
@@ -389,12 +419,18 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
     second = await call(ensure_gateway, settings, name="essential:gateway-2")
     try:
         assert await second.ready.remote(120)
+
+        async def both_hold_partitions() -> bool:
+            stats = [await g.stats.remote() for g in (gateway, second)]
+            return all(s["consumers"]["commands"]["partitions"] for s in stats)
+
+        await poll(both_hold_partitions, timeout=120, what="the group to share the command partitions")
         run = uuid.uuid4().hex[:8]
         correlations = [f"{run}-{i}" for i in range(24)]
         async with Tap(kafka.bootstrap, *LIFECYCLE) as tap:
             for c in correlations:
-                await producer.send_and_wait(settings.kafka_command_topic, start_command("test:chain", {}, correlation_id=c),
-                                             key=c.encode())  # fmt: skip
+                command = start_command("test:chain", {}, correlation_id=c)
+                await producer.send_and_wait(settings.kafka_command_topic, command, key=c.encode())
             ids = []
             for c in correlations:
                 found = await poll(lambda c=c: sagas_by_correlation(mongo, c), timeout=90, what=c)
@@ -407,7 +443,9 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
         for c in correlations:
             assert len(await sagas_by_correlation(mongo, c)) == 1
         stats = [await g.stats.remote() for g in (gateway, second)]
-        print("work split:", [(s["owner"], s["commands"], s["relay"]["events"].get("published")) for s in stats])
+        assert all(sum(v for k, v in s["commands"].items() if k.startswith("applied")) for s in stats), (
+            "both gateways applied commands", [s["commands"] for s in stats]
+        )
     finally:
         await call(_stop_actor, "essential:gateway-2")
 
@@ -420,7 +458,8 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
 
     async def send(batch: list[str]) -> None:
         for c in batch:  # no idempotency key: the gateway derives one from the message's identity
-            await producer.send_and_wait(settings.kafka_command_topic, start_command("test:chain", {}, correlation_id=c))
+            command = start_command("test:chain", {}, correlation_id=c)
+            await producer.send_and_wait(settings.kafka_command_topic, command)
 
     old_pid = await gateway.pid.remote()
     async with Tap(kafka.bootstrap, "saga.completed") as tap:
@@ -437,7 +476,8 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
             ids.append(str(found[0]["_id"]))
         for saga_id in ids:
             await poll(lambda s=saga_id: tap.for_saga(s), timeout=120, what=f"saga.completed of {saga_id}")
-    counts = Counter([d["correlation_id"] async for d in mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})])
+    applied = mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})
+    counts = Counter([d["correlation_id"] async for d in applied])
     assert counts == Counter({c: 1 for c in correlations}), "a command applied twice"
 
 
@@ -462,22 +502,14 @@ async def test_broker_restart_loses_nothing_committed_to_the_outbox(
     unsent = [d async for d in mongo[TEST_DB].outbox.find({"saga": {"$in": oids}, "sent_at": None})]
     assert unsent, "events were produced during the outage"
 
-    kafka.start()
-    await ensure_topics(kafka.bootstrap, LIFECYCLE)
+    kafka.start()  # empty: the gateway recreates its topics
     async with Tap(kafka.bootstrap, *LIFECYCLE) as after:
         wanted = {str(d["_id"]) for d in unsent}
 
         def published() -> bool:
             return wanted <= {headers(r)["event_id"] for r in after.records}
 
-        try:
-            await poll(published, timeout=180, what="every unsent outbox event published after the restart")
-        except AssertionError:
-            print("DEBUG stats", await gateway.stats.remote())
-            print("DEBUG unsent now", await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None}))
-            print("DEBUG tap", len(after.records), Counter(r.topic for r in after.records))
-            print("DEBUG wanted", len(wanted), [ (d["topic"], d["n"], d.get("sent_at")) for d in unsent][:20])
-            raise
+        await poll(published, timeout=180, what="every unsent outbox event published after the restart")
 
         async def all_marked() -> bool:
             return await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None}) == 0

@@ -119,15 +119,23 @@ async def release_driver(key: str) -> dict[str, Any]:
     return await _unassign(key)
 
 
-async def dispatch(key: str, shipment_id: str) -> dict[str, Any]:
-    """The shipment leaves: it needs its vehicle and driver."""
+async def dispatch(key: str, shipment_id: str, vehicle: str | None = None, driver: str | None = None) -> dict[str, Any]:
+    """The shipment leaves: it needs its vehicle and driver.
+
+    Pass ``vehicle`` and ``driver`` when they were assigned concurrently with the
+    booking (a parallel group): the assignment may have run before the shipment
+    existed, so dispatch records them on it.
+    """
 
     async def effect(session: AsyncClientSession) -> dict[str, Any]:
-        res = await collection(SHIPMENTS).update_one(
-            {"_id": shipment_id, "status": "booked", "vehicle": {"$exists": True}, "driver": {"$exists": True}},
-            {"$set": {"status": "dispatched", "dispatched_at": now()}},
-            session=session,
-        )
+        query: dict[str, Any] = {"_id": shipment_id, "status": "booked"}
+        update: dict[str, Any] = {"status": "dispatched", "dispatched_at": now()}
+        for role, resource in (("vehicle", vehicle), ("driver", driver)):
+            if resource is None:
+                query[role] = {"$exists": True}
+            else:
+                update[role] = resource
+        res = await collection(SHIPMENTS).update_one(query, {"$set": update}, session=session)
         if res.matched_count == 0:
             raise StepFailed(f"shipment {shipment_id!r} is not booked with a vehicle and a driver")
         return {"shipment": shipment_id, "status": "dispatched"}

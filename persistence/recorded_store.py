@@ -1,0 +1,323 @@
+"""Recorded sagas in MongoDB, beside the orchestrated ones.
+
+Same collections as :class:`persistence.store.MongoSagaStore` (``sagas``,
+``stages``, ``outbox``), same rules: every write that changes a saga is one
+transaction fenced by the saga's lease epoch, with its outbox events in it.
+What is particular to recorded sagas:
+
+* the saga document carries ``kind: "recorded"`` (orchestrated sagas have no kind);
+* a stage document keeps, beside the JSON-safe ``req``/``res`` the service
+  reported, its ``op`` (the action as named by the service, e.g.
+  ``find_one_and_update``), its ``undo`` (the inverse with the exact BSON values
+  needed: ids and whole documents) and the ``add_key`` that makes a repeated
+  ``add`` record once;
+* undoing a local stage writes to the bucket's collection *in the transaction
+  that records the compensate stage*: a compensation is done and marked done
+  together, so a runner that dies anywhere and is restored undoes nothing twice.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+
+from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.errors import DuplicateKeyError
+
+from orchestration.errors import LeaseLost, SagaNotFound
+from orchestration.models import Event, Saga
+from orchestration.recorded import RECORDED, BucketRoute, Inverse, InvalidField
+
+from .documents import event_to_doc, oid, plain, saga_from_doc, saga_to_doc
+from .inverse import apply_inverse
+from .store import MongoSagaStore, resilient
+
+
+class AbortPending(Exception):
+    """A transition guarded by "no abort requested" found one: the abort wins."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+def json_safe(value: Any, *, dates: bool = False) -> Any:
+    """BSON values as plain JSON ones: ObjectId and Decimal128 as strings, bytes as base64.
+
+    ``dates=False`` keeps datetimes (MongoDB stores them as dates); ``True`` makes them ISO text.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, dates=dates) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, dates=dates) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return int(value) if isinstance(value, Int64) else value
+    if isinstance(value, datetime):
+        if not dates:
+            return value
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    if isinstance(value, (ObjectId, Decimal128, uuid.UUID, Code, MinKey, MaxKey)):
+        return str(value)
+    if isinstance(value, (bytes, Binary)):
+        return base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (Regex, re.Pattern)):
+        return f"/{value.pattern}/"
+    if isinstance(value, Timestamp):
+        return {"t": value.time, "i": value.inc}
+    if isinstance(value, DBRef):
+        return json_safe(value.as_doc(), dates=dates)
+    return str(value)
+
+
+def saga_json(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A saga document as the API shows it: the domain model's JSON plus ``kind``."""
+    out = saga_from_doc(dict(doc)).model_dump(mode="json")
+    out["kind"] = doc.get("kind") or "orchestrated"
+    return out
+
+
+_STAGE_FIELDS = ("saga", "seq", "step", "bucket", "action", "op", "status", "req", "res", "meta", "compensates",
+                 "started_at", "finished_at")  # fmt: skip
+
+
+def stage_json(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage document as the API shows it (JSON-safe; ``undo`` included for recorded stages)."""
+    out = {k: doc.get(k) for k in _STAGE_FIELDS if k in doc}
+    out["saga"] = str(doc["saga"])
+    out["id"] = f"{doc['saga']}:{doc['seq']}"
+    if "undo" in doc:
+        out["undo"] = doc["undo"]
+    return json_safe(out, dates=True)
+
+
+class RecordedStore:
+    """The recorded-saga operations, on a :class:`MongoSagaStore`'s client and collections."""
+
+    def __init__(self, store: MongoSagaStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.sagas = store.sagas
+        self.stages = store.stages_col
+        self.outbox = store.outbox
+
+    # -- transactions ------------------------------------------------------------------------
+    async def _txn(self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]]) -> Any:
+        """One transaction, on the saga's own session when this process holds its lease."""
+
+        async def once() -> Any:
+            session = getattr(self.store, "_sessions", {}).get(saga_id)
+            if session is not None and not session.in_transaction:
+                return await session.with_transaction(body)
+            async with self.client.start_session() as fresh:
+                return await fresh.with_transaction(body)
+
+        return await resilient(once, f"checkpoint of recorded saga {saga_id}")
+
+    async def _fenced(
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        epoch: int,
+        fields: dict[str, Any],
+        events: list[Event],
+        *,
+        unless_abort: bool = False,
+    ) -> dict[str, Any]:
+        query: dict[str, Any] = {"_id": oid(saga_id), "lease.epoch": epoch}
+        if unless_abort:
+            query["abort_requested"] = None
+        update: dict[str, Any] = {"$set": plain(fields)}
+        if events:
+            update["$inc"] = {"events": len(events)}
+        doc = await self.sagas.find_one_and_update(
+            query, update, projection={"events": 1, "abort_requested": 1},
+            return_document=ReturnDocument.AFTER, session=session,
+        )  # fmt: skip
+        if doc is None:
+            current = await self.sagas.find_one({"_id": oid(saga_id)}, {"lease": 1, "abort_requested": 1}, session=session)
+            if current is not None and current.get("lease", {}).get("epoch") == epoch and current.get("abort_requested"):
+                raise AbortPending(current["abort_requested"])
+            raise LeaseLost(saga_id, epoch)
+        if events:
+            first = doc["events"] - len(events) + 1
+            await self.outbox.insert_many([event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session)
+        return doc
+
+    # -- sagas -------------------------------------------------------------------------------
+    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
+        """Insert the open saga and its ``saga.started`` event; a known id or idempotency key returns the saga."""
+        doc = saga_to_doc(saga)
+        doc["kind"] = RECORDED
+        doc["events"] = 1
+
+        async def body(session: AsyncClientSession) -> None:
+            await self.sagas.insert_one(dict(doc), session=session)
+            await self.outbox.insert_one(event_to_doc(event, 1), session=session)
+
+        async def once() -> None:
+            async with self.client.start_session() as session:
+                await session.with_transaction(body)
+
+        try:
+            await resilient(once, "create recorded saga", budget=30.0)
+        except DuplicateKeyError:
+            existing = await self.sagas.find_one({"_id": doc["_id"]})
+            which = "id"
+            if existing is None and saga.idempotency_key is not None:
+                existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
+                which = "idempotency_key"
+            if existing is None:
+                raise
+            if existing.get("kind") != RECORDED:
+                raise InvalidField(which, "already taken by an orchestrated saga") from None
+            return saga_from_doc(existing), False
+        return saga, True
+
+    async def doc(self, saga_id: str) -> dict[str, Any]:
+        try:
+            key = oid(saga_id)
+        except Exception:
+            raise SagaNotFound(str(saga_id)) from None
+        doc = await resilient(lambda: self.sagas.find_one({"_id": key}), "read saga")
+        if doc is None:
+            raise SagaNotFound(saga_id)
+        return doc
+
+    async def kind(self, saga_id: str) -> str | None:
+        """``"recorded"`` or None (orchestrated, or no such saga)."""
+        try:
+            key = oid(saga_id)
+        except Exception:
+            return None
+        doc = await resilient(lambda: self.sagas.find_one({"_id": key}, {"kind": 1}), "read saga kind")
+        return None if doc is None else doc.get("kind")
+
+    async def transition(
+        self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, unless_abort: bool = False
+    ) -> dict[str, Any]:
+        """Update the saga and append events; ``unless_abort`` raises :class:`AbortPending` if one was requested."""
+
+        async def body(session: AsyncClientSession) -> dict[str, Any]:
+            return await self._fenced(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
+
+        return await self._txn(saga_id, body)
+
+    # -- stages ------------------------------------------------------------------------------
+    async def add_stage(
+        self, saga_id: str, epoch: int, stage: dict[str, Any], event: Event, *, key: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Record a reported stage (``stage['seq']`` next); a known ``key`` returns the stage it recorded."""
+
+        async def body(session: AsyncClientSession) -> tuple[dict[str, Any], bool]:
+            if key is not None:
+                existing = await self.stages.find_one({"saga": oid(saga_id), "add_key": key}, session=session)
+                if existing is not None:
+                    return existing, False
+            fields = {"seq": stage["seq"], "updatedAt": stage["finished_at"], "restore_attempts": 0}
+            await self._fenced(session, saga_id, epoch, fields, [event], unless_abort=True)
+            await self.stages.insert_one(dict(stage), session=session)
+            return stage, True
+
+        return await self._txn(saga_id, body)
+
+    async def stage_docs(self, saga_id: str) -> list[dict[str, Any]]:
+        async def read() -> list[dict[str, Any]]:
+            return await self.stages.find({"saga": oid(saga_id)}).sort("seq", ASCENDING).to_list()
+
+        return await resilient(read, "read stages")
+
+    async def _undone(self, session: AsyncClientSession, saga_id: str, forward_seq: int) -> dict[str, Any] | None:
+        return await self.stages.find_one(
+            {"saga": oid(saga_id), "action": "compensate", "compensates": forward_seq, "status": "succeeded"},
+            session=session,
+        )
+
+    async def undo_local(
+        self,
+        saga_id: str,
+        epoch: int,
+        forward_seq: int,
+        stage: dict[str, Any],
+        route: BucketRoute,
+        inverse: Inverse,
+        event: Event,
+    ) -> dict[str, Any] | None:
+        """Undo a stage in its bucket and record the compensate stage, in one transaction.
+
+        Returns what the undo changed, or None when the stage was undone already.
+        """
+        assert route.database and route.collection
+        collection = self.client[route.database][route.collection]
+
+        async def body(session: AsyncClientSession) -> dict[str, Any] | None:
+            if await self._undone(session, saga_id, forward_seq) is not None:
+                return None
+            await self._fenced(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
+            result = await apply_inverse(collection, inverse, session)
+            await self.stages.insert_one({**stage, "res": result}, session=session)
+            return result
+
+        return await self._txn(saga_id, body)
+
+    async def record_compensation(self, saga_id: str, epoch: int, forward_seq: int, stage: dict[str, Any],
+                                  event: Event) -> bool:  # fmt: skip
+        """Record a compensation done elsewhere (a remote bucket's service); False when recorded already."""
+
+        async def body(session: AsyncClientSession) -> bool:
+            if await self._undone(session, saga_id, forward_seq) is not None:
+                return False
+            await self._fenced(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
+            await self.stages.insert_one(dict(stage), session=session)
+            return True
+
+        return await self._txn(saga_id, body)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def find_sagas(self, query: dict[str, Any], *, limit: int = 50, skip: int = 0) -> list[dict[str, Any]]:
+        cursor = self.sagas.find(query).sort([("createdAt", DESCENDING), ("_id", DESCENDING)]).skip(skip).limit(limit)
+        return await resilient(cursor.to_list, "list sagas")
+
+    async def count_sagas(self, query: dict[str, Any]) -> int:
+        return await resilient(lambda: self.sagas.count_documents(query), "count sagas")
+
+    async def find_stages(self, query: dict[str, Any], *, limit: int = 200, skip: int = 0) -> list[dict[str, Any]]:
+        cursor = self.stages.find(query).sort([("saga", ASCENDING), ("seq", ASCENDING)]).skip(skip).limit(limit)
+        return await resilient(cursor.to_list, "list stages")
+
+
+def saga_query(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """MongoDB query of the listing filters: ``state`` (one or a list), ``job``, ``kind``, ``saga``/``id``,
+    ``correlation_id``, and ranges ``createdAt``/``updatedAt`` as ``{"$gte": datetime, ...}``."""
+    query: dict[str, Any] = {}
+    states = filters.get("state")
+    if states:
+        query["state"] = {"$in": list(states)} if isinstance(states, (list, tuple)) else states
+    for name in ("job", "correlation_id"):
+        if filters.get(name):
+            query[name] = filters[name]
+    kind = filters.get("kind")
+    if kind == RECORDED:
+        query["kind"] = RECORDED
+    elif kind == "orchestrated":
+        query["kind"] = None
+    for name in ("createdAt", "updatedAt"):
+        if filters.get(name):
+            query[name] = dict(filters[name])
+    if filters.get("ids"):
+        query["_id"] = {"$in": [oid(i) for i in filters["ids"]]}
+    return query
+
+
+def stage_query(filters: Mapping[str, Any]) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    if filters.get("saga"):
+        query["saga"] = oid(filters["saga"])
+    for name in ("bucket", "action", "status"):
+        if filters.get(name):
+            query[name] = filters[name]
+    return query

@@ -1,0 +1,103 @@
+"""The gateway's pure parts, without servers: command parsing, publication waves, client options."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.kafka_commands import AbortCommand, Rejection, StartCommand, parse_command
+from actors.kafka_config import bootstrap_is_loopback, producer_kwargs, use_idempotence, watch_restarts
+from actors.outbox_relay import encode, plan_waves, traceparent_for
+from actors.participant_protocol import ParticipantCommand, ParticipantReply
+from actors.settings import Settings
+
+SAGA = "0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "says"),
+    [
+        (b"\xff\xfe", "not_json", "JSON"),
+        (b"[1, 2]", "invalid_command", "JSON object"),
+        (b'{"type": "launch"}', "invalid_command", "type"),
+        (b'{"type": "start"}', "invalid_command", "job"),
+        (b'{"type": "start", "job": "j", "schema": 2}', "invalid_command", "schema"),
+        (b'{"type": "start", "job": "j", "ttl": -1}', "invalid_command", "ttl"),
+        (b'{"type": "start", "job": "j", "extra": 1}', "invalid_command", "extra"),
+        (b'{"type": "abort", "saga": "not-an-id"}', "invalid_command", "saga"),
+        (b'{"type": "start", "job": "' + b"j" * 2000 + b'"}', "too_large", "2"),
+    ],
+)
+def test_bad_commands_are_rejected_with_a_reason(raw: bytes, code: str, says: str) -> None:
+    result = parse_command(raw, max_bytes=1024)
+    assert isinstance(result, Rejection) and result.code == code
+    assert says in result.reason
+
+
+def test_good_commands_parse() -> None:
+    start = parse_command(json.dumps({"schema": 1, "type": "start", "job": "j", "payload": {"a": 1}}).encode(), 1024)
+    assert isinstance(start, StartCommand) and start.payload == {"a": 1} and start.idempotency_key is None
+    abort = parse_command(json.dumps({"type": "abort", "saga": SAGA}).encode(), 1024)
+    assert isinstance(abort, AbortCommand) and abort.reason
+
+
+def _row(saga: str, n: int, topic: str) -> dict:
+    return {"_id": f"{saga}-{n}", "saga": saga, "key": saga, "n": n, "topic": topic,
+            "body": {"id": f"{saga}-{n}", "type": topic, "schema": 1, "n": n}, "headers": {}}  # fmt: skip
+
+
+def test_waves_never_put_two_topics_of_one_saga_in_flight() -> None:
+    rows = [_row("A", 1, "started"), _row("B", 1, "started"), _row("A", 2, "stage"), _row("A", 3, "stage"),
+            _row("B", 2, "stage"), _row("A", 4, "completed")]  # fmt: skip
+    waves = plan_waves(reversed(rows))  # arrival order does not matter: n does
+    assert [[(r["saga"], r["n"]) for r in w] for w in waves] == [
+        [("A", 1), ("B", 1)], [("A", 2), ("A", 3), ("B", 2)], [("A", 4)],
+    ]  # fmt: skip
+
+
+def test_messages_carry_event_id_and_trace_context() -> None:
+    row = _row(SAGA, 1, "saga.started")
+    row["headers"] = {"correlation_id": "c-1"}
+    key, value, headers = encode(row)
+    meta = {k: v.decode() for k, v in headers}
+    assert key == SAGA.encode() and json.loads(value)["n"] == 1
+    assert meta["event_id"] == f"{SAGA}-1" and meta["correlation_id"] == "c-1"
+    assert meta["traceparent"] == traceparent_for(row)
+    given = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    assert traceparent_for({**row, "headers": {"traceparent": given}}) == given
+    other = traceparent_for({**row, "_id": "other"})
+    assert other.split("-")[1] == meta["traceparent"].split("-")[1], "one trace per saga"
+    assert other.split("-")[2] != meta["traceparent"].split("-")[2], "one span per message"
+
+
+def test_idempotence_and_restart_watch_follow_the_broker() -> None:
+    local = Settings(kafka_bootstrap="127.0.0.1:9092,localhost:9093")
+    remote = Settings(kafka_bootstrap="kafka-1.prod:9092")
+    assert bootstrap_is_loopback(local.kafka_bootstrap) and not bootstrap_is_loopback(remote.kafka_bootstrap)
+    assert not use_idempotence(local) and use_idempotence(remote)
+    assert use_idempotence(local.model_copy(update={"kafka_idempotence": True}))
+    assert not use_idempotence(remote.model_copy(update={"kafka_acks": "1"})), "idempotence needs acks=all"
+    assert watch_restarts(local) and not watch_restarts(remote)
+    assert producer_kwargs(remote)["acks"] == "all" and producer_kwargs(Settings(kafka_acks=1))["acks"] == 1
+
+
+def test_security_settings_pass_through() -> None:
+    conf = Settings(kafka_bootstrap="k:9093", kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN",
+                    kafka_sasl_plain_username="u", kafka_sasl_plain_password="p")  # fmt: skip
+    kwargs = producer_kwargs(conf)
+    assert kwargs["security_protocol"] == "SASL_PLAINTEXT"
+    assert (kwargs["sasl_mechanism"], kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("PLAIN", "u", "p")
+
+
+def test_participant_reply_echoes_the_command() -> None:
+    command = ParticipantCommand(id=f"{SAGA}:3:run", kind="run", saga=SAGA, seq=3, job="j", step="pay",
+                                 idempotency_key=f"{SAGA}:3", reply_topic="saga.replies", data={"x": 1})  # fmt: skip
+    reply = ParticipantReply.model_validate_json(ParticipantReply.answering(command, ok=True, result={}).to_bytes())
+    assert (reply.saga, reply.seq, reply.kind, reply.idempotency_key) == (SAGA, 3, "run", f"{SAGA}:3")
+
+
+def test_example_remote_job_registers() -> None:
+    from orchestration import JobRegistry
+
+    job = JobRegistry.from_modules(["examples.remote_jobs"]).get("order:remote-fulfillment")
+    assert [s.name for s in job.steps] == ["reserve_stock", "charge_wallet", "create_invoice", "send_confirmation"]
