@@ -58,7 +58,7 @@ def connect_ray(settings: Settings, address: str | None = None) -> None:
     try:
         for attempt in range(1, CLIENT_SESSION_ATTEMPTS + 1):
             try:
-                ray.init(address=target, **kwargs)
+                ray.init(address=target or "local", **kwargs)  # never adopt a stray cluster
                 break
             except ConnectionAbortedError:
                 # The client server could not start this client's session process (seen under

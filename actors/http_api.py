@@ -7,6 +7,7 @@ POST     /essential/sagas/start            ``{"data": saga}`` (201; 200 for a re
 POST     /essential/sagas/add              ``{"data": stage}`` (201)
 GET      /essential/sagas/{id}/abort       ``{"data": saga}`` once compensated (``?reason=``)
 GET      /essential/sagas/{id}/commit      ``{"data": saga}``
+POST     /essential/sagas/{id}/signal      ``{"data": saga, "delivered": bool}`` (body ``{"name", "payload", "key"}``)
 GET      /essential/sagas/{id}             ``{"data": saga}``
 GET      /essential/sagas                  ``{"items": [saga, ...]}``
 GET      /essential/sagas/count            ``{"total": n}``
@@ -371,6 +372,29 @@ class HttpApi:
     async def commit(self, saga_id: str, request: Request) -> JSONResponse:
         async def work() -> tuple[int, Any]:
             return 200, {"data": _doc((await self._call("commit", saga_id))["saga"])}
+
+        return await self._serve(request, work)
+
+    @API.post("/essential/sagas/{saga_id}/signal")
+    async def signal(self, saga_id: str, request: Request) -> JSONResponse:
+        """Issue 9: deliver a signal (an approval, a callback) to an orchestrated saga; stored durably first."""
+
+        async def work() -> tuple[int, Any]:
+            body = await self._body(request)
+            if not isinstance(body.get("name"), str) or not body["name"]:
+                raise bad("name", "the signal's name is required, e.g. identity.verified")
+            try:
+                supervisor = await self.supervisor()
+                reply = await supervisor.signal.remote(saga_id, body["name"], body.get("payload"), body.get("key"))
+            except Exception as exc:  # noqa: BLE001 - Ray unavailable, the supervisor restarting
+                log.warning("supervisor call signal failed: %s", exc)
+                self._supervisor = None
+                raise HttpError(503, "Unavailable", "Essential's supervisor is not reachable right now; retry shortly",
+                                headers={"Retry-After": "1"}) from None  # fmt: skip
+            error = reply.get("error")
+            if error:
+                raise HttpError(STATUS.get(error["type"], 503), error["type"], error["message"])
+            return 200, {"data": _doc(reply["saga"]), "delivered": reply["delivered"]}
 
         return await self._serve(request, work)
 

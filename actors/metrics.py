@@ -89,7 +89,9 @@ METRICS: dict[str, Spec] = {
     ),
     "essential_pending_sagas": Spec("gauge", "sagas waiting for admission", ("deployment",)),
     "essential_parked_sagas": Spec("gauge", "sagas parked now, waiting for an operator", ("deployment",)),
-    "essential_outbox_backlog": Spec("gauge", "outbox rows not yet acknowledged by Kafka", ("deployment", "outbox")),
+    "essential_outbox_backlog": Spec(
+        "gauge", "outbox rows not yet acknowledged by Kafka (counted up to 10000)", ("deployment", "outbox")
+    ),
     "essential_outbox_relay_lag_seconds": Spec(
         "gauge", "age in seconds of the oldest unsent outbox row (0 when empty)", ("deployment", "outbox")
     ),
@@ -342,6 +344,7 @@ def gauge_pending(n: int, deployment: str = "essential") -> None:
     apply([("essential_pending_sagas", float(n), {"deployment": deployment})])
 
 
+BACKLOG_CAP = 10_000  # the backlog gauge counts up to this many rows (a bounded read, even for a huge backlog)
 GAUGE_REFRESH = 15.0  # seconds between the MongoDB reads behind the parked/outbox gauges
 _refresh: dict[str, tuple[float, asyncio.Task | None]] = {}
 
@@ -389,7 +392,7 @@ async def outbox_lag(collection: Any) -> tuple[int, float]:
     """Unsent rows and the age in seconds of the oldest one (what the relay still owes Kafka)."""
     from datetime import datetime, timezone
 
-    backlog = await collection.count_documents({"sent_at": None})
+    backlog = await collection.count_documents({"sent_at": None}, limit=BACKLOG_CAP)
     if not backlog:
         return 0, 0.0
     oldest = await collection.find_one({"sent_at": None}, {"createdAt": 1}, sort=[("sent_at", 1), ("createdAt", 1)])

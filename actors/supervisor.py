@@ -54,6 +54,9 @@ class Supervisor:
         self._killed: dict[str, int] = {}  # saga id -> lease epoch of the actor we killed
         self._last_sweep_at: str | None = None
         self._last_error: str | None = None
+        # sweep from the start, also after Ray restarts this actor on another node:
+        # recovery must not wait for a client to call
+        self._boot = asyncio.get_running_loop().create_task(self._rt())
 
     def __repr__(self) -> str:
         return "Supervisor(essential)"

@@ -258,7 +258,6 @@ def multinode(args: argparse.Namespace) -> int:
         report["removed_at"] = time.time()
 
         def restored() -> bool:
-            client.states(ids)  # a client watching its batch (any call reaches the supervisor)
             again = db.calls.count_documents({"saga": {"$in": on_victim}, "step": "b", "kind": "run"})
             return again >= 2 * len(on_victim)
 

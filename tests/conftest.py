@@ -173,3 +173,15 @@ async def poll(check: Callable[[], Any], *, timeout: float = 30.0, interval: flo
         if loop.time() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
         await asyncio.sleep(interval)
+
+
+# Test modules of issues whose work is still in progress: collected and reported as
+# skipped (never silently dropped), so the suite stays a truthful gate for what landed.
+IN_PROGRESS: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        reason = IN_PROGRESS.get(Path(str(item.fspath)).name)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"in progress, not yet verified green: {reason}"))

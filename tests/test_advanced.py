@@ -80,7 +80,7 @@ def _named(name: str, namespace: str) -> Any:
         return None
 
 
-async def finished(client: Any, saga_id: str, timeout: float = 90) -> Any:
+async def finished(client: Any, saga_id: str, timeout: float = 180) -> Any:
     return await call(client.wait, saga_id, timeout)
 
 

@@ -124,6 +124,25 @@ async def wait_saga(client: Any, saga_id: str, timeout: float = 120) -> Any:
     return await call(client.wait, saga_id, timeout)
 
 
+async def wait_relayed(
+    tap: Tap, saga_ids: list[str], topic: str, gateways: list[Any], mongo: Any, timeout: float = 180
+) -> None:
+    """Every saga's ``topic`` event seen on Kafka; on timeout, saga states and gateway stats say where it stuck."""
+
+    def missing() -> list[str]:
+        return [s for s in saga_ids if not any(r.topic == topic for r in tap.for_saga(s))]
+
+    try:
+        await poll(lambda: not missing(), timeout=timeout, what=f"{topic} of every saga")
+    except AssertionError as exc:
+        lost = missing()
+        oids = [pay_saga(s) for s in lost]
+        states = [(d["_id"], d["state"]) async for d in mongo[TEST_DB].sagas.find({"_id": {"$in": oids}})]
+        unsent = await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None})
+        stats = [await g.stats.remote() for g in gateways]
+        raise AssertionError(f"{exc}; missing {lost[:5]} states {states[:5]} unsent {unsent}; stats {stats}") from None
+
+
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 async def gateway(ray_session: Any, client: Any, settings: Any, store: Any) -> AsyncIterator[Any]:
@@ -435,9 +454,7 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
             for c in correlations:
                 found = await poll(lambda c=c: sagas_by_correlation(mongo, c), timeout=90, what=c)
                 ids.append(str(found[0]["_id"]))
-            for saga_id in ids:
-                await poll(lambda s=saga_id: any(r.topic == "saga.completed" for r in tap.for_saga(s)), timeout=120,
-                           what=f"saga.completed of {saga_id}")  # fmt: skip
+            await wait_relayed(tap, ids, "saga.completed", [gateway, second], mongo)
             for saga_id in ids:
                 assert_published_in_order(tap.for_saga(saga_id))
         for c in correlations:
@@ -474,8 +491,7 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
         for c in correlations:
             found = await poll(lambda c=c: sagas_by_correlation(mongo, c), timeout=120, what=c)
             ids.append(str(found[0]["_id"]))
-        for saga_id in ids:
-            await poll(lambda s=saga_id: tap.for_saga(s), timeout=120, what=f"saga.completed of {saga_id}")
+        await wait_relayed(tap, ids, "saga.completed", [gateway], mongo)
     applied = mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})
     counts = Counter([d["correlation_id"] async for d in applied])
     assert counts == Counter({c: 1 for c in correlations}), "a command applied twice"
