@@ -497,7 +497,6 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
     applied = mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})
     counts = Counter([d["correlation_id"] async for d in applied])
     assert counts == Counter({c: 1 for c in correlations}), "a command applied twice"
-    print("TMPDIAG", Counter([(d["state"], (d.get("error") or "")[:80]) async for d in mongo[TEST_DB].sagas.find({"correlation_id": {"$in": correlations}})]))
 
 
 async def test_broker_restart_loses_nothing_committed_to_the_outbox(
