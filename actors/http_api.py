@@ -12,6 +12,7 @@ GET      /essential/sagas/{id}             ``{"data": saga}``
 GET      /essential/sagas                  ``{"items": [saga, ...]}``
 GET      /essential/sagas/count            ``{"total": n}``
 GET      /essential/saga-stages            ``{"items": [stage, ...]}``
+POST     /essential/sagas/{id}/signal      ``{"data": saga, "delivered": bool}`` (any saga; issue 9)
 GET      /essential/health                 ``{"ok": true}`` (no token needed)
 =======  ================================  =========================================
 
@@ -292,10 +293,14 @@ class HttpApi:
             raise bad("<body>", "a JSON object is required")
         return parse_body(raw)
 
-    async def _call(self, op: str, *args: Any) -> dict[str, Any]:
+    async def _call(self, op: str, *args: Any, method: str = "recorded") -> dict[str, Any]:
+        """``supervisor.recorded(op, *args)`` (or another supervisor ``method``), errors as HttpError."""
         try:
             supervisor = await self.supervisor()
-            reply = await supervisor.recorded.remote(op, *args)
+            if method == "recorded":
+                reply = await supervisor.recorded.remote(op, *args)
+            else:
+                reply = await getattr(supervisor, method).remote(*args)
         except Exception as exc:  # noqa: BLE001 - Ray unavailable, the supervisor restarting
             log.warning("supervisor call %s failed: %s", op, exc)
             self._supervisor = None
@@ -348,6 +353,20 @@ class HttpApi:
                 raise bad("saga", "which saga the stage belongs to (its id) is required")
             reply = await self._call("add", None, body)
             return 201, {"data": reply["stage"]}
+
+        return await self._serve(request, work)
+
+    @API.post("/essential/sagas/{saga_id}/signal")
+    async def signal(self, saga_id: str, request: Request) -> JSONResponse:
+        """Issue 9: deliver a signal (``{"name", "payload", "key"}``) to any saga; stored durably first."""
+
+        async def work() -> tuple[int, Any]:
+            body = await self._body(request)
+            unknown = sorted(set(body) - {"name", "payload", "key"})
+            if unknown:
+                raise bad(unknown[0], "unknown field; a signal has name, payload and key")
+            reply = await self._call(None, saga_id, body.get("name"), body.get("payload"), body.get("key"), method="signal")
+            return 200, {"data": _doc(reply["saga"]), "delivered": reply.get("delivered")}
 
         return await self._serve(request, work)
 

@@ -86,6 +86,8 @@ log = logging.getLogger("essential.recorded")
 REFRESH_EVERY = 2.0
 #: seconds an operation waits for the saga's runner to appear in a freshly launched actor
 ARRIVAL_TIMEOUT = 30.0
+#: open sagas whose job the supervisor remembers (their add/commit skip reading the saga)
+OPEN_CACHE = 100_000
 #: attempts at a local undo that fails (a MongoDB error that is not transient) before the saga parks
 UNDO_ATTEMPTS = 3
 
@@ -192,7 +194,7 @@ class RecordedRunner:
             if self._lost:
                 return {"moved": True}
             if op == "add":
-                return {"stage": await self.add(args["stage"], args.get("key"))}
+                return {"stage": await self.add(args["stage"], args.get("key"), check_key=args.get("check_key", True))}
             if op == "commit":
                 return {"saga": await self.commit()}
             if op == "abort":
@@ -207,7 +209,8 @@ class RecordedRunner:
         finally:
             self.inflight -= 1
 
-    async def add(self, body: dict[str, Any], key: str | None) -> dict[str, Any]:
+    async def add(self, body: dict[str, Any], key: str | None, *, check_key: bool = True) -> dict[str, Any]:
+        """Record a stage; ``check_key=False`` when ``key`` is brand new (skips looking for it)."""
         request = AddStage.parse(body)
         action, op = action_of(request.action)
         inverse = inverse_of(action, op, request.req, request.res, request.meta)
@@ -238,7 +241,7 @@ class RecordedRunner:
                 action=action.value, status=StageStatus.SUCCEEDED.value,
             )  # fmt: skip
             try:
-                stored, created = await self.rstore.add_stage(saga.id, self.epoch, doc, event, key=key)
+                stored, created = await self.rstore.add_stage(saga.id, self.epoch, doc, event, key=key, check_key=check_key)
             except AbortPending as pending:
                 self.request_abort(pending.reason)
                 raise IllegalTransition(f"saga {saga.id} is being aborted ({pending.reason}); stages can no longer be added") from None
@@ -510,6 +513,7 @@ class RecordedService:
         self.placement = placement
         self.clock = SystemClock()
         self._handles: dict[str, Any] = {}
+        self._open: OrderedDict[str, str] = OrderedDict()  # saga id -> job, of sagas seen open here
 
     async def call(self, op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         method = {
@@ -536,6 +540,7 @@ class RecordedService:
         saga, created = await self.rstore.create(saga, event)
         if created:
             self.placement.launch(saga.id, saga.job)
+            self._remember(saga.id, saga.job)
         out = saga.model_dump(mode="json")
         out["kind"] = RECORDED
         return {"saga": out, "created": created}
@@ -550,7 +555,8 @@ class RecordedService:
         action, op = action_of(request.action)
         inverse_of(action, op, request.req, request.res, request.meta)  # refuse before routing
         stage = request.model_dump(exclude={"saga", "key"})
-        return await self._route(target, "add", {"stage": stage, "key": request.key or key or uuid.uuid4().hex})
+        given = request.key or key
+        return await self._route(target, "add", {"stage": stage, "key": given or uuid.uuid4().hex, "fresh_key": not given})
 
     async def commit(self, saga_id: str) -> dict[str, Any]:
         return await self._route(saga_id, "commit", {})
@@ -569,67 +575,95 @@ class RecordedService:
         return doc, saga
 
     async def _route(self, saga_id: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Deliver ``op`` to whatever drives the saga, launching it when nothing does.
+
+        Fast path: a saga this service saw open goes straight to its actor (whose state machine
+        decides); any doubt - the actor gone, the saga elsewhere - falls back to reading the saga.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.recorded_call_timeout
+        job = self._open.get(saga_id) if op in ("add", "commit") else None
         attempt = 0
         while True:
             attempt += 1
-            doc, saga = await self._saga(saga_id)
-            if attempt > 1 and op == "commit" and saga.state == SagaState.COMPLETED:
-                return {"saga": saga_json(doc)}  # our commit went through before its actor left
-            if op == "abort":
-                if saga.state == SagaState.ABORTED:
-                    return {"saga": saga_json(doc)}
-                if saga.state == SagaState.PARKED:  # back to compensating, on a fresh runner
-                    resumed = await self.runtime.store.request_abort(saga_id, args["reason"])
-                    self.placement.launch(saga_id, saga.job)
-                    return {"saga": {**resumed.model_dump(mode="json"), "kind": RECORDED}}
-            check(op, saga, self.clock.now())  # refuse at once what the saga's state forbids
-            reply = await self._call(saga, op, args, max(deadline - loop.time(), 1.0))
+            fast = job is not None
+            if not fast:
+                doc, saga = await self._saga(saga_id)
+                if attempt > 1 and op == "commit" and saga.state == SagaState.COMPLETED:
+                    return {"saga": saga_json(doc)}  # our commit went through before its actor left
+                if op == "abort":
+                    if saga.state == SagaState.ABORTED:
+                        return {"saga": saga_json(doc)}
+                    if saga.state == SagaState.PARKED:  # back to compensating, on a fresh runner
+                        resumed = await self.runtime.store.request_abort(saga_id, args["reason"])
+                        self.placement.launch(saga_id, saga.job)
+                        return {"saga": {**resumed.model_dump(mode="json"), "kind": RECORDED}}
+                check(op, saga, self.clock.now())  # refuse at once what the saga's state forbids
+                job = saga.job
+            if op == "add":  # a key the service gave (or a retry of ours) may be known: look it up
+                call_args = {**args, "check_key": not (args.get("fresh_key") and attempt == 1)}
+            else:
+                call_args = args
+            reply = await self._call(saga_id, job, op, call_args, max(deadline - loop.time(), 1.0), launch=not fast)
             if "moved" not in reply:
                 state = (reply.get("saga") or {}).get("state")
                 if state in {s.value for s in TERMINAL_STATES}:
                     self._forget(saga_id)
+                elif "error" in reply:
+                    self._open.pop(saga_id, None)  # the next operation reads the saga first
+                else:
+                    self._remember(saga_id, job)
                 return reply
+            self._open.pop(saga_id, None)
+            job = None
             if loop.time() >= deadline:
                 raise EssentialError(
                     f"saga {saga_id}: nothing answered for it within {self.settings.recorded_call_timeout:g}s; "
                     f"the supervisor restores it - retry shortly"
                 )
-            if attempt > 1:
+            if attempt > 2:
                 await asyncio.sleep(min(0.05 * attempt, 1.0))
+
+    def _remember(self, saga_id: str, job: str) -> None:
+        self._open[saga_id] = job
+        self._open.move_to_end(saga_id)
+        while len(self._open) > OPEN_CACHE:
+            self._open.popitem(last=False)
 
     def _forget(self, saga_id: str) -> None:
         self._handles.pop(saga_id, None)
+        self._open.pop(saga_id, None)
         self.placement.forget({saga_id})
 
-    async def _call(self, saga: Saga, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _call(self, saga_id: str, job: str, op: str, args: dict[str, Any], timeout: float, *,
+                    launch: bool) -> dict[str, Any]:  # fmt: skip
         place = self.placement
         try:
-            if place.is_shared(saga.job):
-                host = place.host_for(saga.id)
-                reply = await asyncio.wait_for(host.recorded.remote(saga.id, op, args), timeout)
-                if "moved" in reply:
-                    place.launch(saga.id, saga.job)  # runs it there unless it already runs
+            if place.is_shared(job):
+                reply = await asyncio.wait_for(place.host_for(saga_id).recorded.remote(saga_id, op, args), timeout)
+                if "moved" in reply and launch:
+                    place.launch(saga_id, job)  # runs it there unless it already runs
                 return reply
-            handle = self._handles.get(saga.id)
+            handle = self._handles.get(saga_id)
             if handle is None:
-                handle = await asyncio.to_thread(place.dedicated_handle, saga.id)
+                if not launch:
+                    return {"moved": True}
+                handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
                 if handle is None:  # nothing drives it (crashed, or not yet restored): launch it now
-                    place.launch(saga.id, saga.job)
-                    handle = await asyncio.to_thread(place.dedicated_handle, saga.id)
+                    place.launch(saga_id, job)
+                    handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
                     if handle is None:
                         return {"moved": True}
-                self._handles[saga.id] = handle
+                self._handles[saga_id] = handle
             reply = await asyncio.wait_for(handle.recorded.remote(op, args), timeout)
             if "moved" in reply:
-                self._handles.pop(saga.id, None)
+                self._handles.pop(saga_id, None)
             return reply
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            self._handles.pop(saga.id, None)
+            self._handles.pop(saga_id, None)
             return {"moved": True}
         except asyncio.TimeoutError:
-            raise EssentialError(f"saga {saga.id}: its actor did not answer {op} within {timeout:.0f}s") from None
+            raise EssentialError(f"saga {saga_id}: its actor did not answer {op} within {timeout:.0f}s") from None
 
     # -- reads ----------------------------------------------------------------------------------
     async def get(self, saga_id: str) -> dict[str, Any]:

@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from persistence.embedded import EmbeddedMongo
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    load_start = list(os.getloadavg())
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="essential-bench-") as tmp, EmbeddedMongo(Path(tmp) / "db", log_dir=tmp) as mongo:
         os.environ["ESSENTIAL_MONGODB_URI"] = mongo.uri
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "ray": ray.__version__}
+    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "ray": ray.__version__,
+               "load average at start / end": [load_start, list(os.getloadavg())]}  # other work on the machine
     report(results, args.out, machine)
     return 0
 

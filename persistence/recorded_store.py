@@ -209,12 +209,16 @@ class RecordedStore:
 
     # -- stages ------------------------------------------------------------------------------
     async def add_stage(
-        self, saga_id: str, epoch: int, stage: dict[str, Any], event: Event, *, key: str | None
+        self, saga_id: str, epoch: int, stage: dict[str, Any], event: Event, *, key: str | None,
+        check_key: bool = True,
     ) -> tuple[dict[str, Any], bool]:
-        """Record a reported stage (``stage['seq']`` next); a known ``key`` returns the stage it recorded."""
+        """Record a reported stage (``stage['seq']`` next); a known ``key`` returns the stage it recorded.
+
+        ``check_key=False``: the caller knows the key is new (it just made it up), so no look-up.
+        """
 
         async def body(session: AsyncClientSession) -> tuple[dict[str, Any], bool]:
-            if key is not None:
+            if key is not None and check_key:
                 existing = await self.stages.find_one({"saga": oid(saga_id), "add_key": key}, session=session)
                 if existing is not None:
                     return existing, False

@@ -180,8 +180,6 @@ async def poll(check: Callable[[], Any], *, timeout: float = 30.0, interval: flo
 IN_PROGRESS: dict[str, str] = {
     "test_gateway.py": "issue 4 (Kafka gateway) - failed under load at the end of session 1",
     "test_kafka_wire.py": "issue 4 (Kafka gateway)",
-    "test_recorded.py": "issue 5 (recorded sagas)",
-    "test_http_api.py": "issue 5 (HTTP API on Ray Serve)",
     "test_advanced_http.py": "issue 9 signals over the issue-5 HTTP API",
     "test_supervisor.py::test_randomized_soak_with_actor_kills": "issue 3 soak: failed under load, cause not yet found",
     "test_shared_placement.py::test_host_killed_in_mid_run_loses_nothing": "issue 7: failed under load, not yet diagnosed",
@@ -190,6 +188,8 @@ IN_PROGRESS: dict[str, str] = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("ESSENTIAL_RUN_IN_PROGRESS") == "1":
+        return
     for item in items:
         name = Path(str(item.fspath)).name
         reason = IN_PROGRESS.get(f"{name}::{item.name}") or IN_PROGRESS.get(name)

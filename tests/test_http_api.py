@@ -19,8 +19,6 @@ from pymongo import ReturnDocument
 
 from orchestration.models import new_id
 
-from .conftest import poll
-
 DB = "rthttp"
 MAX_BODY = 64 * 1024
 

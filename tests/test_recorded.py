@@ -14,7 +14,6 @@ import os
 import signal
 import uuid
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Any, AsyncIterator
 
 import pytest
