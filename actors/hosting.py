@@ -53,7 +53,12 @@ async def drive(
             await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
             return
         runner = SagaRunner(
-            saga_id, store=runtime.store, registry=runtime.registry, owner=owner_label(where), observer=observer
+            saga_id,
+            store=runtime.store,
+            registry=runtime.registry,
+            owner=owner_label(where),
+            observer=observer,
+            fold_checkpoints=conf.fold_checkpoints,
         )
         runners[saga_id] = runner  # from here on, abort() reaches the runner directly
         if saga_id in pending_aborts:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_restore_attempts: int = Field(5, ge=1, description="restores without progress before a saga is parked")
     ttl_grace: float = Field(10.0, ge=0, description="seconds past TTL before a hung saga actor is killed")
     retention: float = Field(7 * 24 * 3600, gt=0, description="seconds terminal sagas keep stage payloads")
+    fold_checkpoints: bool = Field(
+        True, description="fold a step's result checkpoint into the next step's write-ahead: one transaction per step"
+    )
     home: Path = Field(Path(".essential"), description="state of the local stack: data dirs, PIDs, logs")
     mongodb_port: int = Field(27117, description="port of the embedded MongoDB (essential up)")
     kafka_port: int = Field(19092, description="port of the embedded Kafka broker (essential up)")

@@ -192,6 +192,8 @@ class Supervisor:
         await self._forget_finished(set(active) | {s.id for s in pending})
         now = datetime.now(timezone.utc)
         alive = await place.running({sid: s.job for sid, s in active.items()})
+        # orphans' open transactions would block every write below (abort, restore count, lease)
+        await asyncio.gather(*(store.reclaim(sid) for sid in active if sid not in alive))
 
         for saga in active.values():
             if saga.deadline > now or saga.state != SagaState.RUNNING:

@@ -7,6 +7,7 @@ MongoDB write per step, 10 % failing at the last step (three compensations).
 Modes, all against the same embedded MongoDB (``--sync-on-commit``):
 
 * baseline  – the same runner and store in this asyncio process, no Ray: the storage limit;
+* baseline-unfolded – the same, with ``fold_checkpoints`` off (two transactions per step);
 * naive     – a fresh Ray actor per saga that opens its own client, imports the jobs,
               runs the saga and is killed: what "actor per saga" costs done plainly;
 * dedicated – Essential's default: supervisor + one ``SagaActor`` per live saga;
@@ -99,7 +100,7 @@ class CountingStore:
         return timed
 
 
-async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: int) -> ModeResult:
+async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: int, fold: bool = True) -> ModeResult:
     from pymongo import AsyncMongoClient, monitoring
 
     from orchestration import JobRegistry, SagaRunner, StartRequest, SystemClock, build_saga
@@ -117,7 +118,8 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
 
     client = AsyncMongoClient(uri, tz_aware=True, event_listeners=[Commands()])
     os.environ["ESSENTIAL_MONGODB_URI"] = uri
-    store = MongoSagaStore(client, f"bench_baseline_c{concurrency}")
+    mode = "baseline" if fold else "baseline-unfolded"
+    store = MongoSagaStore(client, f"bench_{mode}_c{concurrency}")
     await store.ensure_indexes()
     counting = CountingStore(store)
     registry = JobRegistry.from_modules(["bench.jobs"])
@@ -129,7 +131,7 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
         started = time.perf_counter()
         saga, event = build_saga(StartRequest(job="bench:order", payload=payload), registry, clock)
         await store.create(saga, event)
-        await SagaRunner(saga.id, store=counting, registry=registry, owner="baseline").run()
+        await SagaRunner(saga.id, store=counting, registry=registry, owner=mode, fold_checkpoints=fold).run()
         saga_time += time.perf_counter() - started
         return saga.id
 
@@ -149,7 +151,7 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
     forward_steps = sum(3 if p["fail_last"] else 4 for p in work)  # succeeded + the failing one counts below
     steps = sum(4 for _ in work)
     result = await summarize(
-        "baseline", store, list(ids), concurrency, wall,
+        mode, store, list(ids), concurrency, wall,
         mongo_commands_per_saga=round(Commands.count / n, 1),
         checkpoint_transactions_per_step=round(counting.checkpoints / (steps + 3 * sum(p["fail_last"] for p in work)), 2),
         checkpoint_share=round(counting.checkpoint_s / saga_time, 3) if saga_time else None,
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-sagas", type=int, default=64, help="sagas per actor-per-saga mode (naive, dedicated)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--hosts", type=int, default=4, help="host actors of the shared placement")
-    parser.add_argument("--modes", default="baseline,naive,dedicated,shared")
+    parser.add_argument("--modes", default="baseline,unfolded,naive,dedicated,shared")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
@@ -415,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             figures["MongoDB commands per saga (baseline)"] = results[0].extra["mongo_commands_per_saga"]
             figures["checkpoint transactions per step"] = results[0].extra["checkpoint_transactions_per_step"]
             figures["share of saga time in checkpoints (baseline)"] = results[0].extra["checkpoint_share"]
+        if "unfolded" in modes:  # the same baseline with two transactions per step (fold_checkpoints off)
+            unfolded = asyncio.run(run_baseline(uri, args.sagas, c, warmup=20, seed=args.seed, fold=False))
+            results.append(unfolded)
+            figures["checkpoint transactions per step (unfolded)"] = unfolded.extra["checkpoint_transactions_per_step"]
+            figures["MongoDB commands per saga (unfolded)"] = unfolded.extra["mongo_commands_per_saga"]
         init_ray()
 
         async def ray_modes() -> None:

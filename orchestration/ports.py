@@ -16,6 +16,11 @@ from .states import SagaState
 #: a bucket lock: (bucket, key)
 LockClaim = tuple[str, str]
 
+#: A checkpoint the runner folded into its next write: (finished stage or None for a
+#: bare state change, saga fields, events).  Every fenced write takes ``carried=`` and
+#: commits them, in order, in that same transaction, so a step costs one transaction.
+Carried = tuple[Stage | None, dict[str, Any], list[Event]]
+
 
 class SagaStore(Protocol):
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
@@ -33,7 +38,14 @@ class SagaStore(Protocol):
         """Raise the lease epoch and become its owner; returns the saga as leased."""
 
     async def write_ahead(
-        self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], *, locks: Sequence[LockClaim] = ()
+        self,
+        saga_id: str,
+        epoch: int,
+        stage: Stage,
+        fields: dict[str, Any],
+        *,
+        locks: Sequence[LockClaim] = (),
+        carried: Sequence[Carried] = (),
     ) -> str | None:
         """Insert a ``started`` stage and update the saga, in one transaction.
 
@@ -44,15 +56,26 @@ class SagaStore(Protocol):
         an abort it was not told about).
         """
 
-    async def write_ahead_many(self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any]) -> str | None:
+    async def write_ahead_many(
+        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any], *, carried: Sequence[Carried] = ()
+    ) -> str | None:
         """Insert several ``started`` stages (a parallel group) and update the saga, in one transaction."""
 
     async def record_result(
-        self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], events: list[Event]
+        self,
+        saga_id: str,
+        epoch: int,
+        stage: Stage,
+        fields: dict[str, Any],
+        events: list[Event],
+        *,
+        carried: Sequence[Carried] = (),
     ) -> str | None:
         """Finish a stage, update the saga and append events, in one transaction."""
 
-    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> str | None:
+    async def transition(
+        self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, carried: Sequence[Carried] = ()
+    ) -> str | None:
         """Update the saga (state and timestamps) and append events, in one transaction.
 
         A terminal state also releases the saga's bucket locks (waking sagas

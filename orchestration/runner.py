@@ -45,7 +45,7 @@ from .errors import (
     StepTimeout,
 )
 from .models import Event, Saga, Stage, StageMeta
-from .ports import RunnerObserver, SagaStore
+from .ports import Carried, RunnerObserver, SagaStore
 from .registry import JobRegistry
 from .requests import StartRequest, build_saga
 from .states import TERMINAL_STATES, Action, EventType, SagaState, StageStatus
@@ -108,10 +108,18 @@ class SagaRunner:
         clock: Clock | None = None,
         observer: RunnerObserver | None = None,
         linger: float | None = None,
+        fold_checkpoints: bool = True,
     ) -> None:
         """``linger``: seconds every wait of this runner keeps waiting in process before the
         saga is checkpointed ``waiting`` (default: each step's own, else :data:`DEFAULT_LINGER`).
-        ``float("inf")`` never parks (in-process tests with a :class:`ManualClock`)."""
+        ``float("inf")`` never parks (in-process tests with a :class:`ManualClock`).
+
+        ``fold_checkpoints``: a succeeded step's result checkpoint rides in the transaction
+        of the runner's next write (the next step's write-ahead, the next state change),
+        which is made before anything else happens, so a step costs one transaction.  The
+        durability contract is unchanged: the result is durable before the next step
+        runs, and a crash in between re-runs the step with the same idempotency key,
+        exactly as a crash before a separate result checkpoint would."""
         self.saga_id = saga_id
         self.observer = observer
         self.store = store
@@ -125,6 +133,8 @@ class SagaRunner:
         self.saga: Saga | None = None
         self.epoch = 0
         self._stages: dict[int, Stage] = {}
+        self.fold_checkpoints = fold_checkpoints
+        self._carry: list[Carried] = []  # folded result checkpoints not yet written
 
     # -- control from the hosting actor -------------------------------------------------
     def request_abort(self, reason: str = "aborted by request") -> None:
@@ -151,16 +161,15 @@ class SagaRunner:
 
         try:
             if saga.state == SagaState.PENDING:
-                await self._transition({"state": SagaState.RUNNING}, [])
+                await self._transition({"state": SagaState.RUNNING}, [], fold=True)
             elif saga.state == SagaState.WAITING:
                 await self._transition({"state": SagaState.RUNNING, "waiting_for": None, "wake_at": None}, [])
             if saga.state == SagaState.RUNNING:
                 failure = await self._forward(job)
                 if failure is None:
-                    await self._transition({"state": SagaState.COMMITTING}, [])
+                    await self._transition({"state": SagaState.COMMITTING}, [], fold=True)
         except Parked:
             return await self.store.get(self.saga_id)
-        stages = await self.store.stages(self.saga_id)
         if saga.state == SagaState.COMMITTING:
             now = self.clock.now()
             await self._transition(
@@ -168,7 +177,9 @@ class SagaRunner:
                 [self._event(EventType.COMPLETED, SagaState.COMPLETED)],
             )
         elif saga.state == SagaState.COMPENSATING:
-            await self._compensate(job, stages)
+            await self._flush()  # the stages read back must include the folded results
+            await self._compensate(job, await self.store.stages(self.saga_id))
+        await self._flush()
         return await self.store.get(self.saga_id)
 
     # -- forward path ------------------------------------------------------------------
@@ -297,7 +308,7 @@ class SagaRunner:
                 continue  # wait for the timer, then run the step again as a new stage
             if outcome.ok:
                 results[step.name] = _jsonable(outcome.result)
-                await self._finish(stage, outcome, StageStatus.SUCCEEDED, {"cursor": index + 1})
+                await self._finish(stage, outcome, StageStatus.SUCCEEDED, {"cursor": index + 1}, fold=True)
                 return None
             return await self._fail(stage, outcome, self._failure_text(step, outcome))
 
@@ -552,6 +563,7 @@ class SagaRunner:
         )
         child, event = build_saga(request, self.registry, self.clock)
         child.parent, child.parent_seq = saga.id, stage.seq
+        await self._flush()
         child, _ = await self.store.create(child, event)
         return child
 
@@ -597,6 +609,7 @@ class SagaRunner:
         :class:`Parked` is raised.  Timers read the runner's clock; the linger
         is real time (it is about holding an actor, not about business time).
         """
+        await self._flush()  # never wait with a result that is not yet durable
         loop = asyncio.get_running_loop()
         park_at = loop.time() + max(linger, 0.0)
         refresh_at = loop.time() + REFRESH_EVERY
@@ -678,10 +691,12 @@ class SagaRunner:
                 seq = saga.seq + 1
                 stage = self._new_stage(step, seq, Action.COMPENSATE, req=forward.res)
                 stage.compensates = forward.seq
-                async with self._io:
-                    flag = await self.store.write_ahead(
-                        saga.id, self.epoch, stage, {"seq": seq, "updatedAt": stage.started_at}
+                fields = {"seq": seq, "updatedAt": stage.started_at}
+                flag = await self._fenced(
+                    lambda carried, _s=stage, _f=fields: self.store.write_ahead(
+                        saga.id, self.epoch, _s, _f, carried=carried
                     )
+                )
                 self._note(flag)
                 saga.seq = seq
             ctx = StepContext(
@@ -710,7 +725,7 @@ class SagaRunner:
 
             outcome = await self._attempt(undo, ctx, step.compensation_retry, step.timeout, bounded_by_ttl=False)
             if outcome.ok:
-                await self._finish(stage, outcome, StageStatus.SUCCEEDED, {})
+                await self._finish(stage, outcome, StageStatus.SUCCEEDED, {}, fold=True)
                 continue
             await self._finish(stage, outcome, StageStatus.FAILED, {})
             await self._park(
@@ -812,19 +827,23 @@ class SagaRunner:
         saga = self._saga
         seq = max(max(s.seq for s in stages), saga.seq)
         fields = {"seq": seq, "cursor": index, "updatedAt": stages[0].started_at}
-        async with self._io:
+
+        async def write(carried: list[Carried]) -> str | None:
             if len(stages) > 1:
-                flag = await self.store.write_ahead_many(saga.id, self.epoch, stages, fields)
-            elif locks:
-                flag = await self.store.write_ahead(saga.id, self.epoch, stages[0], fields, locks=locks)
-            else:
-                flag = await self.store.write_ahead(saga.id, self.epoch, stages[0], fields)
+                return await self.store.write_ahead_many(saga.id, self.epoch, stages, fields, carried=carried)
+            return await self.store.write_ahead(
+                saga.id, self.epoch, stages[0], fields, locks=locks or (), carried=carried
+            )
+
+        flag = await self._fenced(write)
         saga.seq, saga.cursor = seq, index
         for stage in stages:
             self._stages[stage.seq] = stage
         self._note(flag)
 
-    async def _finish(self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any]) -> None:
+    async def _finish(
+        self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any], *, fold: bool = False
+    ) -> None:
         now = self.clock.now()
         stage.status = status
         stage.finished_at = now
@@ -851,18 +870,54 @@ class SagaRunner:
             status=status.value,
             compensates=stage.compensates,
         )
-        async with self._io:
-            flag = await self.store.record_result(self._saga.id, self.epoch, stage, fields, [event])
+        if fold and self.fold_checkpoints:
+            # written by the next checkpoint, which the runner makes before anything else
+            self._carry.append((stage, fields, [event]))
+            self._stages[stage.seq] = stage
+            self._apply(fields)
+            return
+        flag = await self._fenced(
+            lambda carried: self.store.record_result(self._saga.id, self.epoch, stage, fields, [event], carried=carried)
+        )
         self._stages[stage.seq] = stage
         self._apply(fields)
         self._note(flag)
         if self.observer is not None:
             self.observer.stage_finished(self._saga, stage)
 
-    async def _transition(self, fields: dict[str, Any], events: list[Event]) -> None:
-        fields = {**fields, "updatedAt": self.clock.now()}
+    async def _fenced(self, write: Callable[[list[Carried]], Awaitable[str | None]]) -> str | None:
+        """Make one fenced write, carrying the folded results; they count as durable only once it commits."""
         async with self._io:
-            flag = await self.store.transition(self._saga.id, self.epoch, fields, events)
+            carried = list(self._carry)
+            flag = await write(carried)
+            del self._carry[: len(carried)]
+        if self.observer is not None:
+            for stage, fields, _ in carried:
+                if stage is not None:
+                    self.observer.stage_finished(self._saga, stage)
+                elif "state" in fields:
+                    self.observer.state_changed(self._saga, SagaState(fields["state"]))
+        return flag
+
+    async def _flush(self) -> None:
+        """Write folded results now: before waiting, reading our own stages or touching another saga."""
+        if self._carry:
+            fields = {"updatedAt": self.clock.now()}
+            self._note(await self._fenced(
+                lambda carried: self.store.transition(self._saga.id, self.epoch, fields, [], carried=carried)
+            ))
+
+    async def _transition(self, fields: dict[str, Any], events: list[Event], *, fold: bool = False) -> None:
+        """``fold``: a state change with nothing to wait for (pending → running before the
+        first write-ahead, committing before completed) rides in the next checkpoint."""
+        fields = {**fields, "updatedAt": self.clock.now()}
+        if fold and self.fold_checkpoints:
+            self._carry.append((None, fields, events))
+            self._apply(fields)
+            return
+        flag = await self._fenced(
+            lambda carried: self.store.transition(self._saga.id, self.epoch, fields, events, carried=carried)
+        )
         self._apply(fields)
         if fields.get("state") not in TERMINAL_STATES:
             self._note(flag)

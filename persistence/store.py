@@ -28,12 +28,14 @@ from collections.abc import Sequence
 from typing import Any, Awaitable, Callable, TypeVar
 
 from bson import ObjectId
+from bson.binary import UUID_SUBTYPE, Binary
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from orchestration.errors import IllegalTransition, LeaseLost, LockBusy, SagaNotFound
 from orchestration.models import Event, Saga, Signal, Stage
+from orchestration.ports import Carried
 from orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
 
 from .documents import (
@@ -159,6 +161,30 @@ class MongoSagaStore:
             )
         return doc
 
+    async def _fenced_with_carried(
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        epoch: int,
+        fields: dict[str, Any],
+        events: list[Event],
+        carried: Sequence[Carried],
+    ) -> dict[str, Any]:
+        """The fenced saga update, plus any results the runner folded into this checkpoint."""
+        if carried:
+            merged: dict[str, Any] = {}
+            earlier: list[Event] = []
+            for _, carried_fields, carried_events in carried:
+                merged.update(carried_fields)
+                earlier.extend(carried_events)
+            fields, events = {**merged, **fields}, earlier + events
+        doc = await self._fenced_update(session, saga_id, epoch, fields, events)
+        for stage in (c[0] for c in carried if c[0] is not None):
+            await self.stages_col.replace_one(
+                {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
+            )
+        return doc
+
     # -- SagaStore ---------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
         doc = saga_to_doc(saga)
@@ -200,10 +226,34 @@ class MongoSagaStore:
 
         return await resilient(read, "read stages")
 
+    async def reclaim(self, saga_id: str) -> bool:
+        """End a transaction that a dead runner left open on the saga; True when one was killed.
+
+        A runner killed inside a checkpoint leaves its transaction open on the server,
+        and every other write to the documents it touched waits behind it (measured on
+        the dev server: indefinitely; MongoDB waits up to transactionLifetimeLimitSeconds)
+        — the new lease, the restore count, an abort.  The runner's logical session id
+        is the saga's ``session`` field; killing that session aborts the transaction at
+        once.  Reads are not blocked, so reading the field first is safe.  A runner that
+        is in fact alive only loses that transaction and then its lease (fencing).
+        """
+        doc = await resilient(lambda: self.sagas.find_one({"_id": oid(saga_id)}, {"session": 1}), "read session")
+        session_id = (doc or {}).get("session")
+        if not session_id:
+            return False
+        lsid = {"id": Binary(uuid.UUID(session_id).bytes, UUID_SUBTYPE)}
+        try:
+            await resilient(lambda: self.client.admin.command("killSessions", [lsid]), "end an orphaned session")
+        except OperationFailure as exc:  # e.g. a user without the privilege: the server's own expiry remains
+            log.warning("could not end the orphaned session of saga %s: %s", saga_id, exc)
+            return False
+        return True
+
     async def acquire_lease(self, saga_id: str, owner: str) -> Saga:
         old = self._sessions.pop(saga_id, None)
         if old is not None:
             await old.end_session()
+        await self.reclaim(saga_id)  # a predecessor killed mid-checkpoint must not block the lease
         session = self.client.start_session()
         doc = await resilient(
             lambda: self.sagas.find_one_and_update(
@@ -237,6 +287,7 @@ class MongoSagaStore:
         fields: dict[str, Any],
         *,
         locks: Sequence[tuple[str, str]] = (),
+        carried: Sequence[Carried] = (),
     ) -> str | None:
         stage_doc = stage_to_doc(stage)
 
@@ -244,7 +295,7 @@ class MongoSagaStore:
         update = {**fields, "locks_held": True} if locks else fields
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_update(session, saga_id, epoch, update, [])
+            doc = await self._fenced_with_carried(session, saga_id, epoch, update, [], carried)
             if locks:
                 await self._take_locks(session, saga_id, doc.get("job"), epoch, stage.seq, locks)
             await self.stages_col.insert_one(dict(stage_doc), session=session)
@@ -259,24 +310,31 @@ class MongoSagaStore:
         raise LockBusy(bucket, key, None)
 
     async def write_ahead_many(
-        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any]
+        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any], *, carried: Sequence[Carried] = ()
     ) -> str | None:
         docs = [stage_to_doc(s) for s in stages]
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_update(session, saga_id, epoch, fields, [])
+            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, [], carried)
             await self.stages_col.insert_many([dict(d) for d in docs], session=session)
             return doc.get("abort_requested")
 
         return await self._in_transaction(saga_id, body)
 
     async def record_result(
-        self, saga_id: str, epoch: int, stage: Stage, fields: dict[str, Any], events: list[Event]
+        self,
+        saga_id: str,
+        epoch: int,
+        stage: Stage,
+        fields: dict[str, Any],
+        events: list[Event],
+        *,
+        carried: Sequence[Carried] = (),
     ) -> str | None:
         stage_doc = stage_to_doc(stage)
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_update(session, saga_id, epoch, fields, events)
+            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, events, carried)
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_doc, upsert=True, session=session
             )
@@ -284,13 +342,15 @@ class MongoSagaStore:
 
         return await self._in_transaction(saga_id, body)
 
-    async def transition(self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]) -> str | None:
+    async def transition(
+        self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, carried: Sequence[Carried] = ()
+    ) -> str | None:
         terminal = fields.get("state") in TERMINAL_STATES
         released: list[dict[str, Any]] = []
         found: dict[str, Any] = {}
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_update(session, saga_id, epoch, fields, events)
+            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, events, carried)
             found.clear()
             found.update(doc)
             released.clear()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import ray
+from bson import ObjectId
 from ray.util.state import list_actors
 
 from actors.settings import Settings
@@ -172,22 +173,23 @@ async def test_randomized_soak_with_actor_kills(client: Any, store: Any, mongo: 
         for _ in range(200)
     ]
     ids = await call(client.start_many, requests)
+    oids = [ObjectId(i) for i in ids]
     kills = 0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 480
     next_report = loop.time()
     while loop.time() < deadline:
-        live = await store.sagas.count_documents(
-            {"_id": {"$in": [__import__("bson").ObjectId(i) for i in ids]}, "state": {"$nin": ["completed", "aborted"]}}
-        )
+        live = await store.sagas.count_documents({"_id": {"$in": oids}, "state": {"$nin": ["completed", "aborted"]}})
         if live == 0:
             break
         if loop.time() >= next_report:
             next_report = loop.time() + 10
             health = await asyncio.wait_for(client.supervisor.health.remote(), 30)
             print(f"soak: {live} unfinished, {kills} kills, supervisor {health}", flush=True)
-        if kills < 25:
-            victim = rng.choice(ids)
+        # victims among the sagas running right now: most of the 200 are waiting for admission or done
+        running = [str(d["_id"]) async for d in store.sagas.find({"_id": {"$in": oids}, "state": "running"}, {"_id": 1})]
+        if kills < 25 and running:
+            victim = rng.choice(sorted(running))
             handle = _actor(victim)
             if handle is not None:
                 try:
