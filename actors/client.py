@@ -107,6 +107,27 @@ def get_supervisor(settings: Settings) -> Any:
     return handle
 
 
+def stop_deployment(namespace: str, max_hosts: int = 64) -> list[str]:
+    """Kill a deployment's long-lived actors (supervisor, gateway, shared hosts, metrics sink).
+
+    Its sagas stay in MongoDB: the next supervisor of that namespace restores them.
+    Used between benchmark modes and by tests, so an idle deployment's supervisor
+    does not keep sweeping (and loading MongoDB) while the next one is measured.
+    """
+    from .gateway import GATEWAY_NAME
+    from .metrics import SINK_NAME
+    from .saga_host import host_name
+
+    stopped = []
+    for name in (SUPERVISOR_NAME, GATEWAY_NAME, SINK_NAME, *(host_name(i) for i in range(max_hosts))):
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            stopped.append(name)
+        except ValueError:
+            continue
+    return stopped
+
+
 def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:
     if "error" in reply:
         raise rebuild_error(reply["error"]["type"], reply["error"]["message"])

@@ -44,8 +44,19 @@ class SagaActor:
             self.saga_id, self.settings, self._runners, self._pending_aborts,
             where=actor_name(self.saga_id), forward_metrics=True,
         )  # fmt: skip
+        self._free_slot()
         ray.actor.exit_actor()
         return "exited"  # not reached: exit_actor raises
+
+    def _free_slot(self) -> None:
+        """Tell the supervisor at once, so the next pending saga gets this slot now, not at its next sweep."""
+        from .supervisor import SUPERVISOR_NAME
+
+        try:
+            supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=self.settings.get("namespace", "essential"))
+            supervisor.saga_ended.remote(self.saga_id)  # fire and forget: the sweep covers a lost notice
+        except Exception:  # noqa: BLE001 - no supervisor right now: its sweep frees the slot
+            pass
 
     async def abort(self, reason: str) -> None:
         runner = self._runners.get(self.saga_id)

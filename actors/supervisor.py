@@ -30,6 +30,7 @@ from orchestration.states import TERMINAL_STATES
 
 from . import metrics, tracing
 from .placement import Placement
+from .waiters import EndWatch
 from .runtime import Runtime, get_runtime, settings_from
 
 log = logging.getLogger("essential.supervisor")
@@ -54,6 +55,7 @@ class Supervisor:
         self._killed: dict[str, int] = {}  # saga id -> lease epoch of the actor we killed
         self._last_sweep_at: str | None = None
         self._last_error: str | None = None
+        self._end_watch: EndWatch | None = None
         # sweep from the start, also after Ray restarts this actor on another node:
         # recovery must not wait for a client to call
         self._boot = asyncio.get_running_loop().create_task(self._rt())
@@ -87,6 +89,18 @@ class Supervisor:
             self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
+    async def saga_ended(self, saga_id: str) -> None:
+        """A saga actor is done: free its slot and admit the oldest pending sagas into it now."""
+        self.placement.forget({saga_id})
+        self._killed.pop(saga_id, None)
+        rt = await self._rt()
+        free = self.placement.settings.max_live_sagas - len(self.placement.dedicated)
+        if free <= 0:
+            return
+        for saga in await rt.store.oldest_pending(limit=free):
+            if self.placement.has_room(saga.job) and saga.id not in self.placement.live:
+                self.placement.launch(saga.id, saga.job)
+
     async def status(self, saga_id: str) -> dict[str, Any]:
         rt = await self._rt()
         try:
@@ -103,20 +117,18 @@ class Supervisor:
             return error_envelope(exc)
 
     async def wait(self, saga_id: str, timeout: float) -> dict[str, Any]:
-        """Poll the store until the saga is terminal or parked (or the timeout passes)."""
+        """The saga once terminal or parked (or as it is when the timeout passes)."""
         rt = await self._rt()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = 0.02
-        while True:
-            try:
+        try:
+            saga = await rt.store.get(saga_id)
+            if saga.state not in TERMINAL_STATES and saga.state != SagaState.PARKED:
+                if self._end_watch is None:
+                    self._end_watch = EndWatch(rt.store.ended)
+                await self._end_watch.wait(saga_id, timeout)  # one poll serves every waiting caller
                 saga = await rt.store.get(saga_id)
-            except EssentialError as exc:
-                return error_envelope(exc)
-            if saga.state in TERMINAL_STATES or saga.state == SagaState.PARKED or loop.time() >= deadline:
-                return {"saga": saga.model_dump(mode="json")}
-            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
-            delay = min(delay * 1.5, 0.25)
+        except EssentialError as exc:
+            return error_envelope(exc)
+        return {"saga": saga.model_dump(mode="json")}
 
     async def abort(self, saga_id: str, reason: str) -> dict[str, Any]:
         rt = await self._rt()

@@ -234,7 +234,7 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
 async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: int, seed: int, **conf: Any) -> ModeResult:
     from pymongo import AsyncMongoClient
 
-    from actors.client import EssentialClient
+    from actors.client import EssentialClient, stop_deployment
     from actors.settings import Settings
     from persistence.store import MongoSagaStore
 
@@ -261,6 +261,7 @@ async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: i
     client = AsyncMongoClient(uri, tz_aware=True)
     result = await summarize(mode, MongoSagaStore(client, name), list(ids), concurrency, wall)
     await client.close()
+    await asyncio.to_thread(stop_deployment, name)  # its supervisor must not sweep while the next mode runs
     return result
 
 
@@ -286,7 +287,7 @@ def rss_of(title_prefix: str) -> tuple[int, int]:
 
 async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str, Any]:
     """Hold ``live`` sagas alive at once; RSS of the processes that host them / live sagas."""
-    from actors.client import EssentialClient
+    from actors.client import EssentialClient, stop_deployment
     from actors.settings import Settings
 
     name = f"bench_mem_{mode}"
@@ -301,7 +302,7 @@ async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str,
         await sup.hosts.remote()  # start the pool, then measure it idle
         await asyncio.sleep(2)
     idle_procs, idle_rss = rss_of(title)
-    hold = {"job": "bench:hold", "payload": {"hold_s": 8.0 if live > 100 else 15.0}}
+    hold = {"job": "bench:hold", "payload": {"hold_s": 30.0 if live > 100 else 15.0}}
     replies = await asyncio.gather(*(sup.start.remote(hold) for _ in range(live)))
     ids = [r["saga"]["id"] for r in replies]
     loop = asyncio.get_running_loop()
@@ -318,6 +319,7 @@ async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str,
         await asyncio.sleep(0.5)
     running, procs, rss = peak
     await asyncio.gather(*(sup.wait.remote(i, 120.0) for i in ids))
+    await asyncio.to_thread(stop_deployment, name)
     return {
         "mode": mode,
         "live_sagas": running,
@@ -398,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="baseline,unfolded,naive,dedicated,shared")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--no-sync-on-commit", action="store_true",
+        help="run the dev server without --sync-on-commit (faster; a crash loses acknowledged writes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     modes = set(args.modes.split(","))
 
@@ -407,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ModeResult] = []
     memory: list[dict[str, Any]] = []
     figures: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="essential-bench-") as tmp, EmbeddedMongo(Path(tmp) / "db", log_dir=tmp) as mongo:
+    with tempfile.TemporaryDirectory(prefix="essential-bench-") as tmp, EmbeddedMongo(
+        Path(tmp) / "db", log_dir=tmp, sync_on_commit=not args.no_sync_on_commit
+    ) as mongo:
         uri = mongo.uri
         os.environ["ESSENTIAL_MONGODB_URI"] = uri
         c = args.concurrency

@@ -597,6 +597,17 @@ class MongoSagaStore:
         await self.sagas.update_many({"_id": {"$in": ids}}, {"$set": {"pruned_at": now, "payload": {}}})
         return len(ids)
 
+    async def oldest_pending(self, limit: int) -> list[Saga]:
+        """Admission order: the ``limit`` oldest ``pending`` sagas."""
+        cursor = self.sagas.find({"state": SagaState.PENDING.value}).sort("createdAt", ASCENDING).limit(limit)
+        return [saga_from_doc(d) async for d in cursor]
+
+    async def ended(self, saga_ids: list[str]) -> list[str]:
+        """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""
+        done = [state.value for state in (*TERMINAL_STATES, SagaState.PARKED)]
+        cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}, "state": {"$in": done}}, {"_id": 1})
+        return [str(d["_id"]) async for d in cursor]
+
     async def states(self, saga_ids: list[str]) -> dict[str, str]:
         cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}}, {"state": 1})
         return {str(d["_id"]): d["state"] async for d in cursor}

@@ -136,9 +136,7 @@ def deployment(ray_session: Any, settings: Any, mongo: Any) -> Iterator[Callable
     Two supervisors must never sweep one database: each would take the other's
     sagas for orphans.  Returns ``make(name, **settings) -> (client, store)``.
     """
-    import ray
-
-    from actors.client import EssentialClient
+    from actors.client import EssentialClient, stop_deployment
     from persistence.store import MongoSagaStore
 
     made: list[str] = []
@@ -153,11 +151,7 @@ def deployment(ray_session: Any, settings: Any, mongo: Any) -> Iterator[Callable
 
     yield make
     for name in made:  # the deployment's long-lived actors; saga actors have exited
-        for actor in ("essential:supervisor", *(f"essential:host:{i}" for i in range(8))):
-            try:
-                ray.kill(ray.get_actor(actor, namespace=name), no_restart=True)
-            except ValueError:
-                pass
+        stop_deployment(name, max_hosts=8)
 
 
 async def poll(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
