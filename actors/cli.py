@@ -490,12 +490,28 @@ def cmd_signal(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The issue-7 benchmark (the same as ``make bench``); its own flags follow ``bench``."""
+    from bench.saga_bench import main as bench_main
+
+    forwarded = list(args.bench_args)
+    if forwarded[:1] == ["--"]:
+        forwarded = forwarded[1:]
+    return bench_main(forwarded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="essential", description="Durable saga orchestrator on Ray and MongoDB")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("up", help="start embedded MongoDB, Kafka and a local Ray head").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `essential up` started").set_defaults(fn=cmd_down)
+
+    bench = sub.add_parser(
+        "bench", help="benchmark baseline, naive, dedicated and shared placement (flags: essential bench -- --help)"
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags for the benchmark, e.g. --sagas 200")
+    bench.set_defaults(fn=cmd_bench)
 
     demo = sub.add_parser("demo", help="run the example sagas end to end")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")

@@ -120,12 +120,12 @@ class Supervisor:
         """The saga once terminal or parked (or as it is when the timeout passes)."""
         rt = await self._rt()
         try:
-            saga = await rt.store.get(saga_id)
+            saga = await rt.store.get(saga_id)  # also refuses an unknown id at once
             if saga.state not in TERMINAL_STATES and saga.state != SagaState.PARKED:
                 if self._end_watch is None:
                     self._end_watch = EndWatch(rt.store.ended)
-                await self._end_watch.wait(saga_id, timeout)  # one poll serves every waiting caller
-                saga = await rt.store.get(saga_id)
+                # one poll serves every waiting caller, and hands over the ended saga
+                saga = await self._end_watch.wait(saga_id, timeout) or await rt.store.get(saga_id)
         except EssentialError as exc:
             return error_envelope(exc)
         return {"saga": saga.model_dump(mode="json")}

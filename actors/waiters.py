@@ -3,39 +3,40 @@
 ``Supervisor.wait`` used to poll MongoDB per waiting caller (every 20–250 ms):
 with 32 callers that is more queries than the sagas' own checkpoints, on the
 server that is the bottleneck.  Here every waiter registers a future and one
-task asks MongoDB, once per tick, which of all the awaited sagas have ended.
+task asks MongoDB, once per tick, which of all the awaited sagas have ended —
+and hands each waiter the saga document that query returned.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 log = logging.getLogger("essential.waiters")
 
-#: ``ended(ids)`` → the ids among them whose saga is terminal or parked
-EndedQuery = Callable[[list[str]], Awaitable[Iterable[str]]]
+#: ``ended(ids)`` → {id: saga} for those of the ids whose saga is terminal or parked
+EndedQuery = Callable[[list[str]], Awaitable[Mapping[str, Any]]]
 
 
 class EndWatch:
     def __init__(self, ended: EndedQuery, interval: float = 0.05) -> None:
         self._ended = ended
         self._interval = interval
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def wait(self, saga_id: str, timeout: float) -> bool:
-        """True when the saga ended within ``timeout`` seconds."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(self, saga_id: str, timeout: float) -> Any | None:
+        """The ended saga, or None when ``timeout`` seconds passed first."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(future)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll())
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-            return True
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
-            return False
+            return None
         finally:
             futures = self._waiters.get(saga_id, [])
             with contextlib.suppress(ValueError):
@@ -46,10 +47,10 @@ class EndWatch:
     async def _poll(self) -> None:
         while self._waiters:
             try:
-                for saga_id in await self._ended(list(self._waiters)):
+                for saga_id, saga in (await self._ended(list(self._waiters))).items():
                     for future in self._waiters.pop(saga_id, []):
                         if not future.done():
-                            future.set_result(None)
+                            future.set_result(saga)
             except Exception:  # noqa: BLE001 - a failed round (MongoDB outage) is retried next tick
                 log.warning("end watch: poll failed", exc_info=True)
             await asyncio.sleep(self._interval)

@@ -241,7 +241,7 @@ async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: i
     name = f"bench_{mode}_c{concurrency}"
     settings = Settings(
         mongodb_uri=uri, database=name, namespace=name, job_modules=["bench.jobs"],
-        max_live_sagas=max(concurrency, 1), supervisor_interval=0.5, **conf,
+        max_live_sagas=max(concurrency, 1), **conf,
     )  # fmt: skip
     essential = await asyncio.to_thread(EssentialClient, settings)
     sup = essential.supervisor

@@ -52,6 +52,17 @@ class LeaseLost(EssentialError):
         super().__init__(f"saga {saga_id}: lease epoch {epoch} is stale; stopping")
 
 
+class AbortPending(EssentialError):
+    """A forward write-ahead refused because the saga has a durable abort request.
+
+    The step is then never started: an abort is honoured between steps even when
+    the runner learns of it only from MongoDB (a parent aborting its child saga)."""
+
+    def __init__(self, saga_id: str, reason: str):
+        self.saga_id, self.reason = saga_id, reason
+        super().__init__(f"saga {saga_id}: abort requested ({reason}); the next step is not started")
+
+
 class StepTimeout(EssentialError, TimeoutError):
     pass
 

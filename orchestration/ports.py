@@ -46,8 +46,12 @@ class SagaStore(Protocol):
         *,
         locks: Sequence[LockClaim] = (),
         carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
     ) -> str | None:
         """Insert a ``started`` stage and update the saga, in one transaction.
+
+        With ``unless_abort``, raise :class:`~orchestration.errors.AbortPending`
+        (and write nothing) when the saga has a durable abort request.
 
         With ``locks``, also take those bucket locks for the saga in the same
         transaction, or raise :class:`~orchestration.errors.LockBusy` (and write
@@ -57,7 +61,14 @@ class SagaStore(Protocol):
         """
 
     async def write_ahead_many(
-        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any], *, carried: Sequence[Carried] = ()
+        self,
+        saga_id: str,
+        epoch: int,
+        stages: list[Stage],
+        fields: dict[str, Any],
+        *,
+        carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
     ) -> str | None:
         """Insert several ``started`` stages (a parallel group) and update the saga, in one transaction."""
 

@@ -35,6 +35,7 @@ from .clock import Clock, SystemClock
 from .compensation import compensation_plan, is_deferred, open_compensation
 from .dsl import Job, RetryPolicy, Step, StepContext, seconds_of
 from .errors import (
+    AbortPending,
     EssentialError,
     InvalidRequest,
     JobVersionMissing,
@@ -85,6 +86,14 @@ class Waited:
 
     kind: Literal["ready", "timeout", "stop"]
     value: Any = None
+
+
+class _Stopped(Exception):
+    """Inside the runner: the next step's write-ahead found a durable abort request."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Parked(Exception):
@@ -199,16 +208,20 @@ class SagaRunner:
             if reason:
                 await self._stop(step, reason)
                 return reason
-            if step.group is not None:
-                end = job.group_end(index)
-                failure = await self._run_group(job.steps[index:end], index, end, payload, results)
-                index = end
-            else:
-                runner = {
-                    "task": self._run_task, "wait": self._run_wait, "sleep": self._run_sleep, "child": self._run_child,
-                }[step.kind]  # fmt: skip
-                failure = await runner(step, index, payload, results)
-                index += 1
+            try:
+                if step.group is not None:
+                    end = job.group_end(index)
+                    failure = await self._run_group(job.steps[index:end], index, end, payload, results)
+                    index = end
+                else:
+                    runner = {
+                        "task": self._run_task, "wait": self._run_wait, "sleep": self._run_sleep, "child": self._run_child,
+                    }[step.kind]  # fmt: skip
+                    failure = await runner(step, index, payload, results)
+                    index += 1
+            except _Stopped as stopped:  # a durable abort refused the step's write-ahead
+                await self._stop(step, stopped.reason)
+                return stopped.reason
             if failure is not None:
                 return failure
         return None
@@ -830,12 +843,18 @@ class SagaRunner:
 
         async def write(carried: list[Carried]) -> str | None:
             if len(stages) > 1:
-                return await self.store.write_ahead_many(saga.id, self.epoch, stages, fields, carried=carried)
+                return await self.store.write_ahead_many(
+                    saga.id, self.epoch, stages, fields, carried=carried, unless_abort=True
+                )
             return await self.store.write_ahead(
-                saga.id, self.epoch, stages[0], fields, locks=locks or (), carried=carried
+                saga.id, self.epoch, stages[0], fields, locks=locks or (), carried=carried, unless_abort=True
             )
 
-        flag = await self._fenced(write)
+        try:
+            flag = await self._fenced(write)
+        except AbortPending as pending:  # nothing was written: the step never starts
+            self.request_abort(pending.reason)
+            raise _Stopped(pending.reason) from None
         saga.seq, saga.cursor = seq, index
         for stage in stages:
             self._stages[stage.seq] = stage

@@ -33,7 +33,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
-from orchestration.errors import IllegalTransition, LeaseLost, LockBusy, SagaNotFound
+from orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
 from orchestration.models import Event, Saga, Signal, Stage
 from orchestration.ports import Carried
 from orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
@@ -140,19 +140,35 @@ class MongoSagaStore:
         return await resilient(once, f"checkpoint of saga {saga_id}")
 
     async def _fenced_update(
-        self, session: AsyncClientSession, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event]
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        epoch: int,
+        fields: dict[str, Any],
+        events: list[Event],
+        *,
+        unless_abort: bool = False,
     ) -> dict[str, Any]:
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
+        fence: dict[str, Any] = {"_id": oid(saga_id), "lease.epoch": epoch}
+        if unless_abort:
+            fence["abort_requested"] = None
         doc = await self.sagas.find_one_and_update(
-            {"_id": oid(saga_id), "lease.epoch": epoch},
+            fence,
             update,
             projection={"events": 1, "abort_requested": 1, "parent": 1, "job": 1, "locks_held": 1},
             return_document=ReturnDocument.AFTER,
             session=session,
         )
         if doc is None:
+            if unless_abort:
+                leased = await self.sagas.find_one(
+                    {"_id": oid(saga_id), "lease.epoch": epoch}, {"abort_requested": 1}, session=session
+                )
+                if leased is not None and leased.get("abort_requested"):
+                    raise AbortPending(saga_id, leased["abort_requested"])
             raise LeaseLost(saga_id, epoch)
         if events:
             first = doc["events"] - len(events) + 1
@@ -169,6 +185,8 @@ class MongoSagaStore:
         fields: dict[str, Any],
         events: list[Event],
         carried: Sequence[Carried],
+        *,
+        unless_abort: bool = False,
     ) -> dict[str, Any]:
         """The fenced saga update, plus any results the runner folded into this checkpoint."""
         if carried:
@@ -178,7 +196,7 @@ class MongoSagaStore:
                 merged.update(carried_fields)
                 earlier.extend(carried_events)
             fields, events = {**merged, **fields}, earlier + events
-        doc = await self._fenced_update(session, saga_id, epoch, fields, events)
+        doc = await self._fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
         for stage in (c[0] for c in carried if c[0] is not None):
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
@@ -288,6 +306,7 @@ class MongoSagaStore:
         *,
         locks: Sequence[tuple[str, str]] = (),
         carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
     ) -> str | None:
         stage_doc = stage_to_doc(stage)
 
@@ -295,7 +314,9 @@ class MongoSagaStore:
         update = {**fields, "locks_held": True} if locks else fields
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(session, saga_id, epoch, update, [], carried)
+            doc = await self._fenced_with_carried(
+                session, saga_id, epoch, update, [], carried, unless_abort=unless_abort
+            )
             if locks:
                 await self._take_locks(session, saga_id, doc.get("job"), epoch, stage.seq, locks)
             await self.stages_col.insert_one(dict(stage_doc), session=session)
@@ -310,12 +331,21 @@ class MongoSagaStore:
         raise LockBusy(bucket, key, None)
 
     async def write_ahead_many(
-        self, saga_id: str, epoch: int, stages: list[Stage], fields: dict[str, Any], *, carried: Sequence[Carried] = ()
+        self,
+        saga_id: str,
+        epoch: int,
+        stages: list[Stage],
+        fields: dict[str, Any],
+        *,
+        carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
     ) -> str | None:
         docs = [stage_to_doc(s) for s in stages]
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, [], carried)
+            doc = await self._fenced_with_carried(
+                session, saga_id, epoch, fields, [], carried, unless_abort=unless_abort
+            )
             await self.stages_col.insert_many([dict(d) for d in docs], session=session)
             return doc.get("abort_requested")
 
@@ -602,11 +632,11 @@ class MongoSagaStore:
         cursor = self.sagas.find({"state": SagaState.PENDING.value}).sort("createdAt", ASCENDING).limit(limit)
         return [saga_from_doc(d) async for d in cursor]
 
-    async def ended(self, saga_ids: list[str]) -> list[str]:
+    async def ended(self, saga_ids: list[str]) -> dict[str, Saga]:
         """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""
         done = [state.value for state in (*TERMINAL_STATES, SagaState.PARKED)]
-        cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}, "state": {"$in": done}}, {"_id": 1})
-        return [str(d["_id"]) async for d in cursor]
+        cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}, "state": {"$in": done}})
+        return {str(d["_id"]): saga_from_doc(d) async for d in cursor}
 
     async def states(self, saga_ids: list[str]) -> dict[str, str]:
         cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}}, {"state": 1})

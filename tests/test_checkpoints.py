@@ -128,3 +128,27 @@ async def test_a_result_is_durable_before_the_next_step_runs(
     assert runs.count("b") == 2, "b was cut off, so it ran again"
     effects = [d["step"] async for d in mongo[JOBS_DB].effects.find({"saga": saga_id})]
     assert sorted(effects) == list("abcd")
+
+
+@pytest.mark.parametrize("fold", [True, False])
+async def test_a_durable_abort_refuses_the_next_write_ahead(
+    counted: tuple[MongoSagaStore, Commits], registry: JobRegistry, mongo: Any, fold: bool
+) -> None:
+    """Only MongoDB knows of the abort (as when a parent aborts its child saga): the step
+    in flight finishes, the next one is never written ahead, the finished ones are undone."""
+    store, _ = counted
+    saga_id = await start(store, registry, {"sleep": {"b": 1}})
+    runner = asyncio.create_task(SagaRunner(saga_id, store=store, registry=registry, owner="t", fold_checkpoints=fold).run())
+
+    async def b_running() -> bool:
+        return await mongo[JOBS_DB].calls.count_documents({"saga": saga_id, "step": "b"}) == 1
+
+    await poll(b_running, timeout=30, what="step b running")
+    await store.request_abort(saga_id, "cancelled in MongoDB only")
+    done = await asyncio.wait_for(runner, 60)
+    assert done.state == SagaState.ABORTED and "cancelled in MongoDB only" in (done.error or "")
+    stages = await store.stages(saga_id)
+    assert [(s.step, s.action == Action.COMPENSATE) for s in stages] == [
+        ("a", False), ("b", False), ("b", True), ("a", True)
+    ], "c must never be written ahead"
+    assert await mongo[JOBS_DB].effects.count_documents({"saga": saga_id}) == 0
