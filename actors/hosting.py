@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from orchestration import LeaseLost, SagaRunner
+from orchestration import LeaseLost, Saga, SagaRunner
 
 from . import logs
 from .metrics import SagaMetrics
@@ -30,8 +30,12 @@ async def drive(
     where: str,
     *,
     forward_metrics: bool = False,
-) -> None:
+    orchestrated: bool = False,
+) -> Saga | None:
     """Run the saga to a terminal/parked state; never raise (the supervisor restores on failure).
+
+    Returns the saga as the runner left it (None when it did not finish here), so
+    the host can tell the supervisor, and its waiting callers, without a read.
 
     ``runners`` lets the hosting actor forward aborts to the live runner;
     ``pending_aborts`` holds aborts that arrived before the runner existed.
@@ -49,9 +53,9 @@ async def drive(
         # issue 5: a recorded saga (start/add/commit/abort) is hosted by actors.recorded, not the job runner
         from .recorded import drive_recorded, is_recorded
 
-        if await is_recorded(runtime, saga_id):
+        if not orchestrated and await is_recorded(runtime, saga_id):
             await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
-            return
+            return None
         runner = SagaRunner(
             saga_id,
             store=runtime.store,
@@ -64,7 +68,7 @@ async def drive(
         if saga_id in pending_aborts:
             runner.request_abort(pending_aborts.pop(saga_id))
         try:
-            await runner.run()
+            return await runner.run()
         finally:
             await runtime.store.release(saga_id)
     except LeaseLost as exc:
@@ -77,3 +81,26 @@ async def drive(
         runners.pop(saga_id, None)
         if observer is not None:
             await observer.flush()
+
+
+class EndNotice:
+    """Tells the supervisor that a saga left this process, with the saga as it ended.
+
+    The supervisor frees the slot (admitting the next pending saga now rather than
+    at its next sweep) and hands the saga to callers waiting for it.  Fire and
+    forget: a lost notice only means the sweep and the wait watch's slow poll do it.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._supervisor: Any = None
+
+    def send(self, saga_id: str, saga: Saga | None) -> None:
+        from .supervisor import SUPERVISOR_NAME
+
+        try:
+            if self._supervisor is None:
+                self._supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=self.namespace)
+            self._supervisor.saga_ended.remote(saga_id, saga.model_dump(mode="json") if saga else None)
+        except Exception:  # noqa: BLE001 - no supervisor right now: its sweep covers it
+            self._supervisor = None

@@ -45,9 +45,10 @@ class Placement:
         return self.dedicated | self.shared
 
     # -- actions ---------------------------------------------------------------------
-    def launch(self, saga_id: str, job: str) -> None:
+    def launch(self, saga_id: str, job: str, *, orchestrated: bool = False) -> None:
+        """``orchestrated``: the caller knows it is a job saga (not a recorded one), saving the host a read."""
         if self.is_shared(job):
-            self._host_for(saga_id).run_saga.remote(saga_id)
+            self._host_for(saga_id).run_saga.remote(saga_id, orchestrated)
             self.shared.add(saga_id)
             return
         try:
@@ -56,7 +57,7 @@ class Placement:
                 namespace=self.settings.namespace,
                 lifetime="detached",
                 scheduling_strategy="SPREAD",
-            ).remote(saga_id, job, self.actor_settings)
+            ).remote(saga_id, job, self.actor_settings, orchestrated)
         except ValueError:  # the name is taken: an actor already drives this saga
             self.dedicated.add(saga_id)
             return

@@ -13,7 +13,7 @@ import ray
 
 from orchestration import SagaRunner
 
-from .hosting import drive
+from .hosting import EndNotice, drive
 
 
 def actor_name(saga_id: str) -> str:
@@ -22,8 +22,9 @@ def actor_name(saga_id: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class SagaActor:
-    def __init__(self, saga_id: str, job: str, settings: dict[str, Any]) -> None:
+    def __init__(self, saga_id: str, job: str, settings: dict[str, Any], orchestrated: bool = False) -> None:
         self.saga_id = saga_id
+        self.orchestrated = orchestrated
         self.job = job
         self.settings = settings
         self._runners: dict[str, SagaRunner] = {}
@@ -40,23 +41,13 @@ class SagaActor:
             return "already running"
         self._started = True
         # forward_metrics: this process lives for one saga; its points go to the long-lived metrics actor
-        await drive(
+        saga = await drive(
             self.saga_id, self.settings, self._runners, self._pending_aborts,
-            where=actor_name(self.saga_id), forward_metrics=True,
+            where=actor_name(self.saga_id), forward_metrics=True, orchestrated=self.orchestrated,
         )  # fmt: skip
-        self._free_slot()
+        EndNotice(self.settings.get("namespace", "essential")).send(self.saga_id, saga)
         ray.actor.exit_actor()
         return "exited"  # not reached: exit_actor raises
-
-    def _free_slot(self) -> None:
-        """Tell the supervisor at once, so the next pending saga gets this slot now, not at its next sweep."""
-        from .supervisor import SUPERVISOR_NAME
-
-        try:
-            supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=self.settings.get("namespace", "essential"))
-            supervisor.saga_ended.remote(self.saga_id)  # fire and forget: the sweep covers a lost notice
-        except Exception:  # noqa: BLE001 - no supervisor right now: its sweep frees the slot
-            pass
 
     async def abort(self, reason: str) -> None:
         runner = self._runners.get(self.saga_id)

@@ -15,7 +15,7 @@ import ray
 
 from orchestration import SagaRunner
 
-from .hosting import drive
+from .hosting import EndNotice, drive
 
 
 def host_name(index: int) -> str:
@@ -31,26 +31,32 @@ class SagaHost:
         self._runners: dict[str, SagaRunner] = {}
         self._pending_aborts: dict[str, str] = {}
         self.completed = 0
+        self._end_notice = EndNotice(settings.get("namespace", "essential"))
 
     def __repr__(self) -> str:
         # captured once at creation by Ray; the live count is in stats() and the metrics
         return f"SagaHost(#{self.index}, shared placement)"
 
-    async def run_saga(self, saga_id: str) -> bool:
+    async def run_saga(self, saga_id: str, orchestrated: bool = False) -> bool:
         """Start driving ``saga_id`` here unless it already runs here; returns immediately."""
         task = self._tasks.get(saga_id)
         if task is not None and not task.done():
             return False
         task = asyncio.get_running_loop().create_task(
-            drive(saga_id, self.settings, self._runners, self._pending_aborts, where=host_name(self.index))
+            drive(
+                saga_id, self.settings, self._runners, self._pending_aborts,
+                where=host_name(self.index), orchestrated=orchestrated,
+            )  # fmt: skip
         )
         self._tasks[saga_id] = task
-        task.add_done_callback(lambda _t, sid=saga_id: self._done(sid))
+        task.add_done_callback(lambda done, sid=saga_id: self._done(sid, done))
         return True
 
-    def _done(self, saga_id: str) -> None:
+    def _done(self, saga_id: str, task: asyncio.Task) -> None:
         self._tasks.pop(saga_id, None)
         self.completed += 1
+        saga = None if task.cancelled() or task.exception() is not None else task.result()
+        self._end_notice.send(saga_id, saga)
 
     async def abort(self, saga_id: str, reason: str) -> bool:
         runner = self._runners.get(saga_id)

@@ -20,6 +20,7 @@ from orchestration import (
     Event,
     EventType,
     InvalidRequest,
+    Saga,
     SagaState,
     StartRequest,
     SystemClock,
@@ -56,6 +57,7 @@ class Supervisor:
         self._last_sweep_at: str | None = None
         self._last_error: str | None = None
         self._end_watch: EndWatch | None = None
+        self._backlog = False  # pending sagas wait for a dedicated slot
         # sweep from the start, also after Ray restarts this actor on another node:
         # recovery must not wait for a client to call
         self._boot = asyncio.get_running_loop().create_task(self._rt())
@@ -86,20 +88,32 @@ class Supervisor:
         if created:
             metrics.saga_started(saga.job)
         if created and self.placement.has_room(saga.job):
-            self.placement.launch(saga.id, saga.job)
+            self.placement.launch(saga.id, saga.job, orchestrated=True)
+        elif created:
+            self._backlog = True  # admitted when a slot frees
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
-    async def saga_ended(self, saga_id: str) -> None:
-        """A saga actor is done: free its slot and admit the oldest pending sagas into it now."""
+    async def saga_ended(self, saga_id: str, saga: dict[str, Any] | None = None) -> None:
+        """A saga left its actor or host: hand it to its waiting callers, free its slot, and
+        admit the oldest pending sagas into free slots now (not at the next sweep)."""
+        if saga is not None and self._end_watch is not None:
+            ended = Saga.model_validate(saga)
+            if ended.state in TERMINAL_STATES or ended.state == SagaState.PARKED:
+                self._end_watch.resolve(saga_id, ended)
+        was_dedicated = saga_id in self.placement.dedicated
         self.placement.forget({saga_id})
         self._killed.pop(saga_id, None)
+        if not (was_dedicated and self._backlog):
+            return
         rt = await self._rt()
         free = self.placement.settings.max_live_sagas - len(self.placement.dedicated)
         if free <= 0:
             return
-        for saga in await rt.store.oldest_pending(limit=free):
-            if self.placement.has_room(saga.job) and saga.id not in self.placement.live:
-                self.placement.launch(saga.id, saga.job)
+        waiting = await rt.store.oldest_pending(limit=free)
+        self._backlog = len(waiting) >= free  # maybe more behind them
+        for pending in waiting:
+            if self.placement.has_room(pending.job) and pending.id not in self.placement.live:
+                self.placement.launch(pending.id, pending.job)
 
     async def status(self, saga_id: str) -> dict[str, Any]:
         rt = await self._rt()
@@ -120,8 +134,10 @@ class Supervisor:
         """The saga once terminal or parked (or as it is when the timeout passes)."""
         rt = await self._rt()
         try:
-            saga = await rt.store.get(saga_id)  # also refuses an unknown id at once
-            if saga.state not in TERMINAL_STATES and saga.state != SagaState.PARKED:
+            # a saga launched here exists and has not ended yet; any other is read first,
+            # which also refuses an unknown id at once
+            saga = None if saga_id in self.placement.live else await rt.store.get(saga_id)
+            if saga is None or (saga.state not in TERMINAL_STATES and saga.state != SagaState.PARKED):
                 if self._end_watch is None:
                     self._end_watch = EndWatch(rt.store.ended)
                 # one poll serves every waiting caller, and hands over the ended saga
@@ -250,6 +266,7 @@ class Supervisor:
                 (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga.id)
                 continue
             if not place.has_room(saga.job):
+                self._backlog = True
                 continue
             place.launch(saga.id, saga.job)
             counts["admitted"] += 1

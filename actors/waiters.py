@@ -1,10 +1,12 @@
-"""Callers waiting for sagas to end, served by one poll instead of one poll each.
+"""Callers waiting for sagas to end: told by the saga's host, with one slow poll as a net.
 
 ``Supervisor.wait`` used to poll MongoDB per waiting caller (every 20–250 ms):
 with 32 callers that is more queries than the sagas' own checkpoints, on the
-server that is the bottleneck.  Here every waiter registers a future and one
-task asks MongoDB, once per tick, which of all the awaited sagas have ended —
-and hands each waiter the saga document that query returned.
+server that is the bottleneck.  Here every waiter registers a future; the actor
+or host that ran the saga reports its end with the saga as the runner left it
+(:meth:`EndWatch.resolve`, no read at all), and one task asks MongoDB every
+half second which of the awaited sagas have ended, for the ends nobody reported
+(another process drove the saga, a notice was lost).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ EndedQuery = Callable[[list[str]], Awaitable[Mapping[str, Any]]]
 
 
 class EndWatch:
-    def __init__(self, ended: EndedQuery, interval: float = 0.05) -> None:
+    def __init__(self, ended: EndedQuery, interval: float = 0.5) -> None:
         self._ended = ended
         self._interval = interval
         self._waiters: dict[str, list[asyncio.Future[Any]]] = {}
@@ -43,6 +45,12 @@ class EndWatch:
                 futures.remove(future)
             if not futures:
                 self._waiters.pop(saga_id, None)
+
+    def resolve(self, saga_id: str, saga: Any) -> None:
+        """The saga's host reported it ended (the fast path; the poll is the safety net)."""
+        for future in self._waiters.pop(saga_id, []):
+            if not future.done():
+                future.set_result(saga)
 
     async def _poll(self) -> None:
         while self._waiters:
