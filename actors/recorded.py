@@ -47,7 +47,7 @@ from orchestration import (
     StageMeta,
     SystemClock,
 )
-from orchestration.errors import rebuild_error
+from orchestration.errors import AbortPending, rebuild_error
 from orchestration.recorded import (
     RECORDED,
     AddStage,
@@ -68,7 +68,6 @@ from persistence import command_outbox
 from persistence.documents import saga_from_doc, stage_to_doc
 from persistence.inbox import find_reply
 from persistence.recorded_store import (
-    AbortPending,
     RecordedStore,
     json_safe,
     saga_json,

@@ -515,7 +515,6 @@ class SagaRunner:
 
     # -- child sagas --------------------------------------------------------------------------
     async def _run_child(self, step: Step, index: int, payload: Any, results: dict[str, Any]) -> str | None:
-        saga = self._saga
         stage = self._latest(step.name)
         ctx = self._ctx(step, self._resume_seq(stage), payload, results)
         if step.when is not None and not step.when(ctx):

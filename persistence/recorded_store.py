@@ -25,25 +25,17 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from orchestration.errors import LeaseLost, SagaNotFound
+from orchestration.errors import SagaNotFound
 from orchestration.models import Event, Saga
 from orchestration.recorded import RECORDED, BucketRoute, Inverse, InvalidField
 
-from .documents import event_to_doc, oid, plain, saga_from_doc, saga_to_doc
+from .documents import event_to_doc, oid, saga_from_doc, saga_to_doc
 from .inverse import apply_inverse
 from .store import MongoSagaStore, resilient
-
-
-class AbortPending(Exception):
-    """A transition guarded by "no abort requested" found one: the abort wins."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
 
 
 def json_safe(value: Any, *, dates: bool = False) -> Any:
@@ -128,25 +120,8 @@ class RecordedStore:
         *,
         unless_abort: bool = False,
     ) -> dict[str, Any]:
-        query: dict[str, Any] = {"_id": oid(saga_id), "lease.epoch": epoch}
-        if unless_abort:
-            query["abort_requested"] = None
-        update: dict[str, Any] = {"$set": plain(fields)}
-        if events:
-            update["$inc"] = {"events": len(events)}
-        doc = await self.sagas.find_one_and_update(
-            query, update, projection={"events": 1, "abort_requested": 1},
-            return_document=ReturnDocument.AFTER, session=session,
-        )  # fmt: skip
-        if doc is None:
-            current = await self.sagas.find_one({"_id": oid(saga_id)}, {"lease": 1, "abort_requested": 1}, session=session)
-            if current is not None and current.get("lease", {}).get("epoch") == epoch and current.get("abort_requested"):
-                raise AbortPending(current["abort_requested"])
-            raise LeaseLost(saga_id, epoch)
-        if events:
-            first = doc["events"] - len(events) + 1
-            await self.outbox.insert_many([event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session)
-        return doc
+        """The core store's fenced update (lease epoch, outbox events, optional abort guard)."""
+        return await self.store._fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
 
     # -- sagas -------------------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
