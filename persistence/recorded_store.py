@@ -110,19 +110,6 @@ class RecordedStore:
 
         return await resilient(once, f"checkpoint of recorded saga {saga_id}")
 
-    async def _fenced(
-        self,
-        session: AsyncClientSession,
-        saga_id: str,
-        epoch: int,
-        fields: dict[str, Any],
-        events: list[Event],
-        *,
-        unless_abort: bool = False,
-    ) -> dict[str, Any]:
-        """The core store's fenced update (lease epoch, outbox events, optional abort guard)."""
-        return await self.store._fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
-
     # -- sagas -------------------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
         """Insert the open saga and its ``saga.started`` event; a known id or idempotency key returns the saga."""
@@ -178,7 +165,7 @@ class RecordedStore:
         """Update the saga and append events; ``unless_abort`` raises :class:`AbortPending` if one was requested."""
 
         async def body(session: AsyncClientSession) -> dict[str, Any]:
-            return await self._fenced(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
+            return await self.store.fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
 
         return await self._txn(saga_id, body)
 
@@ -198,7 +185,7 @@ class RecordedStore:
                 if existing is not None:
                     return existing, False
             fields = {"seq": stage["seq"], "updatedAt": stage["finished_at"], "restore_attempts": 0}
-            await self._fenced(session, saga_id, epoch, fields, [event], unless_abort=True)
+            await self.store.fenced_update(session, saga_id, epoch, fields, [event], unless_abort=True)
             await self.stages.insert_one(dict(stage), session=session)
             return stage, True
 
@@ -236,7 +223,7 @@ class RecordedStore:
         async def body(session: AsyncClientSession) -> dict[str, Any] | None:
             if await self._undone(session, saga_id, forward_seq) is not None:
                 return None
-            await self._fenced(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
+            await self.store.fenced_update(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
             result = await apply_inverse(collection, inverse, session)
             await self.stages.insert_one({**stage, "res": result}, session=session)
             return result
@@ -250,7 +237,7 @@ class RecordedStore:
         async def body(session: AsyncClientSession) -> bool:
             if await self._undone(session, saga_id, forward_seq) is not None:
                 return False
-            await self._fenced(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
+            await self.store.fenced_update(session, saga_id, epoch, {"seq": stage["seq"], "updatedAt": stage["finished_at"]}, [event])
             await self.stages.insert_one(dict(stage), session=session)
             return True
 

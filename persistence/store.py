@@ -139,7 +139,7 @@ class MongoSagaStore:
 
         return await resilient(once, f"checkpoint of saga {saga_id}")
 
-    async def _fenced_update(
+    async def fenced_update(
         self,
         session: AsyncClientSession,
         saga_id: str,
@@ -149,6 +149,8 @@ class MongoSagaStore:
         *,
         unless_abort: bool = False,
     ) -> dict[str, Any]:
+        """Inside a transaction: update the saga if ``epoch`` still holds its lease, and append
+        ``events`` to the outbox with the saga's next event numbers (the recorded store too)."""
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
@@ -196,7 +198,7 @@ class MongoSagaStore:
                 merged.update(carried_fields)
                 earlier.extend(carried_events)
             fields, events = {**merged, **fields}, earlier + events
-        doc = await self._fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
+        doc = await self.fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
         for stage in (c[0] for c in carried if c[0] is not None):
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
