@@ -109,7 +109,7 @@ class Supervisor:
         free = self.placement.settings.max_live_sagas - len(self.placement.dedicated)
         if free <= 0:
             return
-        waiting = await rt.store.oldest_pending(limit=free)
+        waiting = await rt.store.list_by_states([SagaState.PENDING], oldest_first=True, limit=free)
         self._backlog = len(waiting) >= free  # maybe more behind them
         for pending in waiting:
             if self.placement.has_room(pending.job) and pending.id not in self.placement.live:

@@ -88,14 +88,6 @@ class Waited:
     value: Any = None
 
 
-class _Stopped(Exception):
-    """Inside the runner: the next step's write-ahead found a durable abort request."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class Parked(Exception):
     """The saga was checkpointed ``waiting``; the runner returns and leaves the rest to the supervisor."""
 
@@ -219,9 +211,10 @@ class SagaRunner:
                     }[step.kind]  # fmt: skip
                     failure = await runner(step, index, payload, results)
                     index += 1
-            except _Stopped as stopped:  # a durable abort refused the step's write-ahead
-                await self._stop(step, stopped.reason)
-                return stopped.reason
+            except AbortPending as pending:  # a durable abort refused the step's write-ahead
+                self.request_abort(pending.reason)
+                await self._stop(step, pending.reason)
+                return pending.reason
             if failure is not None:
                 return failure
         return None
@@ -849,11 +842,7 @@ class SagaRunner:
                 saga.id, self.epoch, stages[0], fields, locks=locks or (), carried=carried, unless_abort=True
             )
 
-        try:
-            flag = await self._fenced(write)
-        except AbortPending as pending:  # nothing was written: the step never starts
-            self.request_abort(pending.reason)
-            raise _Stopped(pending.reason) from None
+        flag = await self._fenced(write)  # AbortPending: nothing was written, the step never starts
         saga.seq, saga.cursor = seq, index
         for stage in stages:
             self._stages[stage.seq] = stage

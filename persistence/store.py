@@ -148,9 +148,15 @@ class MongoSagaStore:
         events: list[Event],
         *,
         unless_abort: bool = False,
+        carried: Sequence[Carried] = (),
     ) -> dict[str, Any]:
         """Inside a transaction: update the saga if ``epoch`` still holds its lease, and append
-        ``events`` to the outbox with the saga's next event numbers (the recorded store too)."""
+        ``events`` to the outbox with the saga's next event numbers (the recorded store too).
+
+        ``carried``: checkpoints the runner folded into this one — their saga fields and
+        events go first, their finished stages are written in the same transaction."""
+        for _, carried_fields, carried_events in reversed(carried):
+            fields, events = {**carried_fields, **fields}, carried_events + events
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
@@ -177,28 +183,6 @@ class MongoSagaStore:
             await self.outbox.insert_many(
                 [event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session
             )
-        return doc
-
-    async def _fenced_with_carried(
-        self,
-        session: AsyncClientSession,
-        saga_id: str,
-        epoch: int,
-        fields: dict[str, Any],
-        events: list[Event],
-        carried: Sequence[Carried],
-        *,
-        unless_abort: bool = False,
-    ) -> dict[str, Any]:
-        """The fenced saga update, plus any results the runner folded into this checkpoint."""
-        if carried:
-            merged: dict[str, Any] = {}
-            earlier: list[Event] = []
-            for _, carried_fields, carried_events in carried:
-                merged.update(carried_fields)
-                earlier.extend(carried_events)
-            fields, events = {**merged, **fields}, earlier + events
-        doc = await self.fenced_update(session, saga_id, epoch, fields, events, unless_abort=unless_abort)
         for stage in (c[0] for c in carried if c[0] is not None):
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
@@ -316,8 +300,8 @@ class MongoSagaStore:
         update = {**fields, "locks_held": True} if locks else fields
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(
-                session, saga_id, epoch, update, [], carried, unless_abort=unless_abort
+            doc = await self.fenced_update(
+                session, saga_id, epoch, update, [], unless_abort=unless_abort, carried=carried
             )
             if locks:
                 await self._take_locks(session, saga_id, doc.get("job"), epoch, stage.seq, locks)
@@ -345,8 +329,8 @@ class MongoSagaStore:
         docs = [stage_to_doc(s) for s in stages]
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(
-                session, saga_id, epoch, fields, [], carried, unless_abort=unless_abort
+            doc = await self.fenced_update(
+                session, saga_id, epoch, fields, [], unless_abort=unless_abort, carried=carried
             )
             await self.stages_col.insert_many([dict(d) for d in docs], session=session)
             return doc.get("abort_requested")
@@ -366,7 +350,7 @@ class MongoSagaStore:
         stage_doc = stage_to_doc(stage)
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, events, carried)
+            doc = await self.fenced_update(session, saga_id, epoch, fields, events, carried=carried)
             await self.stages_col.replace_one(
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_doc, upsert=True, session=session
             )
@@ -382,7 +366,7 @@ class MongoSagaStore:
         found: dict[str, Any] = {}
 
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self._fenced_with_carried(session, saga_id, epoch, fields, events, carried)
+            doc = await self.fenced_update(session, saga_id, epoch, fields, events, carried=carried)
             found.clear()
             found.update(doc)
             released.clear()
@@ -570,9 +554,11 @@ class MongoSagaStore:
         cursor = self.outbox.find({"saga": ObjectId(saga_id)}).sort("n", ASCENDING)
         return [d async for d in cursor]
 
-    async def list_by_states(self, states: list[SagaState], *, oldest_first: bool = False) -> list[Saga]:
-        """Every saga in ``states`` (the supervisor's sweeps), oldest first on request."""
-        cursor = self.sagas.find({"state": {"$in": [s.value for s in states]}})
+    async def list_by_states(
+        self, states: list[SagaState], *, oldest_first: bool = False, limit: int = 0
+    ) -> list[Saga]:
+        """Every saga in ``states`` (the supervisor's sweeps), oldest first on request; ``limit`` 0 = all."""
+        cursor = self.sagas.find({"state": {"$in": [s.value for s in states]}}).limit(limit)
         if oldest_first:
             cursor = cursor.sort("createdAt", ASCENDING)
         return [saga_from_doc(d) async for d in cursor]
@@ -628,11 +614,6 @@ class MongoSagaStore:
         await self.locks.delete_many({"saga": {"$in": ids}})  # released at the end already; never kept
         await self.sagas.update_many({"_id": {"$in": ids}}, {"$set": {"pruned_at": now, "payload": {}}})
         return len(ids)
-
-    async def oldest_pending(self, limit: int) -> list[Saga]:
-        """Admission order: the ``limit`` oldest ``pending`` sagas."""
-        cursor = self.sagas.find({"state": SagaState.PENDING.value}).sort("createdAt", ASCENDING).limit(limit)
-        return [saga_from_doc(d) async for d in cursor]
 
     async def ended(self, saga_ids: list[str]) -> dict[str, Saga]:
         """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""
