@@ -24,6 +24,9 @@ class Knobs(BaseModel):
     fail_times: int = Field(0, ge=0, description="fail the first N attempts of fail_at, then succeed")
     sleep: dict[str, float] = Field(default_factory=dict, description="seconds a step sleeps")
     block: dict[str, float] = Field(default_factory=dict, description="seconds a step blocks its event loop")
+    gate: dict[str, str] = Field(
+        default_factory=dict, description="a step waits until the test inserts this _id into the gates collection"
+    )
     tag: str = ""
 
 
@@ -40,6 +43,9 @@ async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
     delay = ctx.payload.sleep.get(step, 0)
     if delay:
         await asyncio.sleep(delay)
+    gate = ctx.payload.gate.get(step)
+    while gate and await db.gates.find_one({"_id": gate}) is None:
+        await asyncio.sleep(0.1)  # the test opens the gate when it has seen what it needs
     if ctx.payload.block.get(step):
         time.sleep(ctx.payload.block[step])  # deliberately ignores cancellation
     if ctx.payload.fail_at == step:

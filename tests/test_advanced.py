@@ -357,11 +357,13 @@ async def test_fail_fast_refuses_the_second_saga_and_it_undoes_only_its_own_step
     client: Any, store: Any, mongo: Any
 ) -> None:
     wallet = f"w-{uuid.uuid4().hex[:8]}"
-    holder = await call(client.start, "test:lock-wait", {"wallet": wallet, "sleep": {"b": 3}})
+    gate = f"g-{wallet}"
+    holder = await call(client.start, "test:lock-wait", {"wallet": wallet, "gate": {"b": gate}})
     await poll(lambda: stage_is(store, holder, "a", StageStatus.SUCCEEDED), timeout=30, what="the lock taken")
     lock = await store.locks.find_one({"key": wallet})
     assert lock["bucket"] == "test.wallets" and str(lock["saga"]) == holder
     second = await finished(client, await call(client.start, "test:lock-fail", {"wallet": wallet}))
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     assert second.state == SagaState.ABORTED
     assert f"'{wallet}' in test.wallets is locked by saga {holder} (test:lock-wait" in (second.error or "")
     stages = await store.stages(second.id)
@@ -376,11 +378,14 @@ async def test_fail_fast_refuses_the_second_saga_and_it_undoes_only_its_own_step
 
 async def test_a_lock_survives_its_holders_crash_but_never_its_end(client: Any, store: Any, mongo: Any) -> None:
     wallet = f"w-{uuid.uuid4().hex[:8]}"
-    holder = await call(client.start, "test:lock-wait", {"wallet": wallet, "sleep": {"b": 4}})
+    gate = f"g-{wallet}"
+    # b waits for the gate, so the restored holder cannot end (and free the lock) before the test says so
+    holder = await call(client.start, "test:lock-wait", {"wallet": wallet, "gate": {"b": gate}})
     await poll(lambda: stage_is(store, holder, "a", StageStatus.SUCCEEDED), timeout=30, what="the lock taken")
     await kill_actor(holder)
     refused = await finished(client, await call(client.start, "test:lock-fail", {"wallet": wallet}))
     assert refused.state == SagaState.ABORTED and f"locked by saga {holder}" in (refused.error or "")
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     done = await finished(client, holder)
     assert done.state == SagaState.COMPLETED and done.lease.epoch >= 2, "restored with its lock"
     assert await effects_of(mongo, holder) == {"a", "b", "c"}
