@@ -6,6 +6,7 @@ registry (importing job modules) are never paid per saga.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,27 @@ def settings_from(data: dict[str, Any] | Settings | None) -> Settings:
     return Settings(**data) if data else Settings()
 
 
+#: settings dicts already resolved in this process: a host runs thousands of sagas with the same
+#: dict, and building ``Settings`` (environment sources, validation) costs about a millisecond
+_resolved: dict[str, tuple[Settings, str]] = {}
+
+
+def _resolve(settings: dict[str, Any] | Settings | None) -> tuple[Settings, str]:
+    if not isinstance(settings, dict) or not settings:  # None reads the environment: never cached
+        resolved = settings_from(settings)
+        return resolved, resolved.model_dump_json()
+    raw = json.dumps(settings, sort_keys=True, default=str)
+    found = _resolved.get(raw)
+    if found is None:
+        resolved = settings_from(settings)
+        found = _resolved[raw] = (resolved, resolved.model_dump_json())
+    return found
+
+
 async def get_runtime(settings: dict[str, Any] | Settings | None = None, *, ensure_indexes: bool = True) -> Runtime:
     """The process's runtime; saga processes pass ``ensure_indexes=False`` (the supervisor made them)."""
-    resolved = settings_from(settings)
-    key = (resolved.model_dump_json(), id(asyncio.get_running_loop()))
+    resolved, dumped = _resolve(settings)
+    key = (dumped, id(asyncio.get_running_loop()))
     runtime = _runtimes.get(key)
     if runtime is None:
         _apply_examples_env(resolved)

@@ -4,7 +4,7 @@
 
 Workload (issue 7): the 4-step order saga of ``bench/jobs.py``, one transactional
 MongoDB write per step, 10 % failing at the last step (three compensations).
-Modes, all against the same embedded MongoDB (``--sync-on-commit``):
+Modes, each against a fresh embedded MongoDB (``--sync-on-commit``) in the same run:
 
 * baseline  – the same runner and store in this asyncio process, no Ray: the storage limit;
 * baseline-unfolded – the same, with ``fold_checkpoints`` off (two transactions per step);
@@ -57,6 +57,23 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def server_ops(uri: str) -> dict[str, int]:
+    """The server's own operation counters (``serverStatus.opcounters``): what a mode costs the
+    storage, background work (sweeps, heartbeats, relays) included, whichever process sent it."""
+    from pymongo import MongoClient
+
+    with MongoClient(uri, directConnection=True) as client:
+        return dict(client.admin.command("serverStatus")["opcounters"])
+
+
+def ops_per_saga(before: dict[str, int], after: dict[str, int], sagas: int) -> dict[str, float]:
+    """Data operations (insert, query, update, delete, getmore) and other commands (transaction
+    commits, heartbeats, index checks) per saga."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    data = sum(delta.get(k, 0) for k in ("insert", "query", "update", "delete", "getmore"))
+    return {"server_data_ops_per_saga": round(data / sagas, 1), "server_other_commands_per_saga": round(delta.get("command", 0) / sagas, 1)}
 
 
 def payloads(n: int, seed: int) -> list[dict[str, Any]]:
@@ -145,9 +162,11 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
             return await one(payload)
 
     work = payloads(n, seed)
+    ops_before = await asyncio.to_thread(server_ops, uri)
     started = time.perf_counter()
     ids = await asyncio.gather(*(gated(p) for p in work))
     wall = time.perf_counter() - started
+    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
     forward_steps = sum(3 if p["fail_last"] else 4 for p in work)  # succeeded + the failing one counts below
     steps = sum(4 for _ in work)
     result = await summarize(
@@ -155,7 +174,7 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
         mongo_commands_per_saga=round(Commands.count / n, 1),
         checkpoint_transactions_per_step=round(counting.checkpoints / (steps + 3 * sum(p["fail_last"] for p in work)), 2),
         checkpoint_share=round(counting.checkpoint_s / saga_time, 3) if saga_time else None,
-        forward_steps=forward_steps,
+        forward_steps=forward_steps, **ops,
     )  # fmt: skip
     await client.close()
     return result
@@ -223,10 +242,12 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
                 ray.kill(actor)
             return saga.id
 
+    ops_before = await asyncio.to_thread(server_ops, uri)
     started = time.perf_counter()
     ids = await asyncio.gather(*(one(p) for p in payloads(n, seed)))
     wall = time.perf_counter() - started
-    result = await summarize("naive", store, list(ids), concurrency, wall)
+    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
+    result = await summarize("naive", store, list(ids), concurrency, wall, **ops)
     await client.close()
     return result
 
@@ -255,11 +276,13 @@ async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: i
             return saga_id
 
     await asyncio.gather(*(one(p) for p in payloads(warmup, seed + 1)))
+    ops_before = await asyncio.to_thread(server_ops, uri)
     started = time.perf_counter()
     ids = await asyncio.gather(*(one(p) for p in payloads(n, seed)))
     wall = time.perf_counter() - started
+    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
     client = AsyncMongoClient(uri, tz_aware=True)
-    result = await summarize(mode, MongoSagaStore(client, name), list(ids), concurrency, wall)
+    result = await summarize(mode, MongoSagaStore(client, name), list(ids), concurrency, wall, **ops)
     await client.close()
     await asyncio.to_thread(stop_deployment, name)  # its supervisor must not sweep while the next mode runs
     return result
@@ -349,6 +372,13 @@ async def actor_start_ms(samples: int = 5) -> float:
 
 
 # -- report ----------------------------------------------------------------------------------
+def _ops_cell(extra: dict[str, Any]) -> str:
+    """data operations + other commands per saga, as the server counted them"""
+    if "server_data_ops_per_saga" not in extra:
+        return "-"
+    return f"{extra['server_data_ops_per_saga']:.0f} + {extra['server_other_commands_per_saga']:.0f}"
+
+
 def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dict[str, Any], out_dir: Path) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -356,14 +386,14 @@ def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     console = Console(width=140)
     base = {r.concurrency: r for r in results if r.mode == "baseline"}
     table = Table("mode", "sagas", "conc.", "sagas/s", "× baseline", "p50 ms", "p95 ms", "p99 ms", "p50 ×", "p99 ×",
-                  "done/aborted", title="Essential saga benchmark (4-step order saga, 10 % compensating)")  # fmt: skip
+                  "done/aborted", "db ops/saga", title="Essential saga benchmark (4-step order saga, 10 % compensating)")  # fmt: skip
     for r in results:
         b = base.get(r.concurrency)
         ratio = lambda a, c: f"{a / c:.2f}" if b and c else "-"  # noqa: E731
         table.add_row(
             r.mode, str(r.sagas), str(r.concurrency), f"{r.sagas_per_s:.1f}", ratio(r.sagas_per_s, b.sagas_per_s if b else 0),
             f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", ratio(r.p50_ms, b.p50_ms if b else 0),
-            ratio(r.p99_ms, b.p99_ms if b else 0), f"{r.completed}/{r.aborted}",
+            ratio(r.p99_ms, b.p99_ms if b else 0), f"{r.completed}/{r.aborted}", _ops_cell(r.extra),
         )  # fmt: skip
     console.print(table)
     mem = Table("placement", "live sagas", "processes", "RSS MB", "MB / live saga", "marginal MB / saga", title="Memory per live saga")
@@ -413,20 +443,27 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ModeResult] = []
     memory: list[dict[str, Any]] = []
     figures: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="essential-bench-") as tmp, EmbeddedMongo(
-        Path(tmp) / "db", log_dir=tmp, sync_on_commit=not args.no_sync_on_commit
-    ) as mongo:
-        uri = mongo.uri
-        os.environ["ESSENTIAL_MONGODB_URI"] = uri
+    sync = not args.no_sync_on_commit
+    with tempfile.TemporaryDirectory(prefix="essential-bench-") as tmp:
+
+        def fresh(label: str) -> EmbeddedMongo:
+            """Each mode gets a new server: what one mode leaves behind (documents, oplog) would
+            slow the next, and the comparison must not depend on the order the modes run in."""
+            server = EmbeddedMongo(Path(tmp) / label / "db", log_dir=Path(tmp) / label, sync_on_commit=sync)
+            os.environ["ESSENTIAL_MONGODB_URI"] = server.start().uri
+            return server
+
         c = args.concurrency
         if "baseline" in modes:
-            results.append(asyncio.run(run_baseline(uri, args.sagas, c, warmup=20, seed=args.seed)))
-            results.append(asyncio.run(run_baseline(uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed)))
+            with fresh("baseline") as mongo:
+                results.append(asyncio.run(run_baseline(mongo.uri, args.sagas, c, warmup=20, seed=args.seed)))
+                results.append(asyncio.run(run_baseline(mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed)))
             figures["MongoDB commands per saga (baseline)"] = results[0].extra["mongo_commands_per_saga"]
             figures["checkpoint transactions per step"] = results[0].extra["checkpoint_transactions_per_step"]
             figures["share of saga time in checkpoints (baseline)"] = results[0].extra["checkpoint_share"]
         if "unfolded" in modes:  # the same baseline with two transactions per step (fold_checkpoints off)
-            unfolded = asyncio.run(run_baseline(uri, args.sagas, c, warmup=20, seed=args.seed, fold=False))
+            with fresh("unfolded") as mongo:
+                unfolded = asyncio.run(run_baseline(mongo.uri, args.sagas, c, warmup=20, seed=args.seed, fold=False))
             results.append(unfolded)
             figures["checkpoint transactions per step (unfolded)"] = unfolded.extra["checkpoint_transactions_per_step"]
             figures["MongoDB commands per saga (unfolded)"] = unfolded.extra["mongo_commands_per_saga"]
@@ -438,14 +475,17 @@ def main(argv: list[str] | None = None) -> int:
             figures["actor start, empty actor (median ms)"] = await actor_start_ms()
             if "shared" in modes:
                 shared = {"placement": "shared", "host_pool_size": args.hosts}
-                results.append(await run_essential("shared", uri, args.sagas, c, warmup=20, seed=args.seed, **shared))
-                results.append(await run_essential("shared", uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed, **shared))
-                memory.append(await memory_probe("shared", uri, live=500, **shared))
+                with fresh("shared") as mongo:
+                    results.append(await run_essential("shared", mongo.uri, args.sagas, c, warmup=20, seed=args.seed, **shared))
+                    results.append(await run_essential("shared", mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed, **shared))
+                    memory.append(await memory_probe("shared", mongo.uri, live=500, **shared))
             if "naive" in modes:
-                results.append(await run_naive(uri, args.slow_sagas, c, seed=args.seed))
+                with fresh("naive") as mongo:
+                    results.append(await run_naive(mongo.uri, args.slow_sagas, c, seed=args.seed))
             if "dedicated" in modes:
-                results.append(await run_essential("dedicated", uri, args.slow_sagas, c, warmup=4, seed=args.seed))
-                memory.append(await memory_probe("dedicated", uri, live=16))
+                with fresh("dedicated") as mongo:
+                    results.append(await run_essential("dedicated", mongo.uri, args.slow_sagas, c, warmup=4, seed=args.seed))
+                    memory.append(await memory_probe("dedicated", mongo.uri, live=16))
 
         import ray
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from collections.abc import Sequence
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 from bson import ObjectId
 from bson.binary import UUID_SUBTYPE, Binary
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
@@ -110,6 +111,35 @@ def _session_hex(session: AsyncClientSession) -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
+@dataclass
+class _Known:
+    """The saga fields a fenced write reports back, as this process last saw them."""
+
+    FIELDS: ClassVar[dict[str, int]] = {"events": 1, "abort_requested": 1, "parent": 1, "job": 1, "locks_held": 1}
+
+    epoch: int
+    events: int
+    abort_requested: str | None
+    parent: Any
+    job: str | None
+    locks_held: bool
+
+    @classmethod
+    def of(cls, epoch: int, doc: dict[str, Any]) -> _Known:
+        return cls(epoch, int(doc.get("events", 0)), doc.get("abort_requested"), doc.get("parent"),
+                   doc.get("job"), bool(doc.get("locks_held")))  # fmt: skip
+
+    def wrote(self, fields: dict[str, Any], added_events: int) -> None:
+        self.events += added_events
+        self.locks_held = self.locks_held or bool(fields.get("locks_held"))
+        if "abort_requested" in fields:
+            self.abort_requested = fields["abort_requested"]
+
+    def as_doc(self) -> dict[str, Any]:
+        return {"events": self.events, "abort_requested": self.abort_requested, "parent": self.parent,
+                "job": self.job, "locks_held": self.locks_held}  # fmt: skip
+
+
 class MongoSagaStore:
     """Implements :class:`orchestration.ports.SagaStore` on one database."""
 
@@ -124,6 +154,8 @@ class MongoSagaStore:
         # One logical session per saga being driven here: its id is the saga's
         # ``session`` field, and a runner uses it strictly sequentially.
         self._sessions: dict[str, AsyncClientSession] = {}
+        # What this process last wrote to each saga it holds the lease of (see _known_update)
+        self._known: dict[str, _Known] = {}
 
     async def ensure_indexes(self) -> None:
         await resilient(lambda: ensure_indexes(self.db), "create indexes")
@@ -160,17 +192,20 @@ class MongoSagaStore:
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
-        fence: dict[str, Any] = {"_id": oid(saga_id), "lease.epoch": epoch}
-        if unless_abort:
-            fence["abort_requested"] = None
-        doc = await self.sagas.find_one_and_update(
-            fence,
-            update,
-            projection={"events": 1, "abort_requested": 1, "parent": 1, "job": 1, "locks_held": 1},
-            return_document=ReturnDocument.AFTER,
-            session=session,
-        )
+        # update_one (+ a read only when needed), never find_one_and_update: on the dev server
+        # findAndModify scans the whole collection, so its cost grows with every saga ever stored.
+        doc = await self._known_update(session, saga_id, epoch, fields, update, len(events), unless_abort)
         if doc is None:
+            fence: dict[str, Any] = {"_id": oid(saga_id), "lease.epoch": epoch}
+            if unless_abort:
+                fence["abort_requested"] = None
+            if (await self.sagas.update_one(fence, update, session=session)).matched_count:
+                # in the transaction the read sees this write, and a concurrent writer conflicts
+                doc = await self.sagas.find_one({"_id": oid(saga_id)}, _Known.FIELDS, session=session)
+                if doc is not None:
+                    self._known[saga_id] = _Known.of(epoch, doc)
+        if doc is None:
+            self._known.pop(saga_id, None)
             if unless_abort:
                 leased = await self.sagas.find_one(
                     {"_id": oid(saga_id), "lease.epoch": epoch}, {"abort_requested": 1}, session=session
@@ -188,6 +223,29 @@ class MongoSagaStore:
                 {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
             )
         return doc
+
+    async def _known_update(
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        epoch: int,
+        fields: dict[str, Any],
+        update: dict[str, Any],
+        added_events: int,
+        unless_abort: bool,
+    ) -> dict[str, Any] | None:
+        """The write in one command when this process knows the saga: the fence states everything
+        assumed (epoch, event count, abort request), so a match proves the assumptions; None sends
+        the caller to the reading path (first write after the lease, or someone else wrote)."""
+        known = self._known.get(saga_id)
+        if known is None or known.epoch != epoch or (unless_abort and known.abort_requested is not None):
+            return None
+        fence = {"_id": oid(saga_id), "lease.epoch": epoch, "events": known.events,
+                 "abort_requested": known.abort_requested}  # fmt: skip
+        if not (await self.sagas.update_one(fence, update, session=session)).matched_count:
+            return None
+        known.wrote(fields, added_events)  # a transaction that aborts later only costs a read next time
+        return known.as_doc()
 
     # -- SagaStore ---------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
@@ -259,26 +317,39 @@ class MongoSagaStore:
             await old.end_session()
         await self.reclaim(saga_id)  # a predecessor killed mid-checkpoint must not block the lease
         session = self.client.start_session()
-        doc = await resilient(
-            lambda: self.sagas.find_one_and_update(
-                {"_id": oid(saga_id)},
-                {"$inc": {"lease.epoch": 1}, "$set": {"lease.owner": owner, "session": _session_hex(session)}},
-                return_document=ReturnDocument.AFTER,
-            ),
-            "lease",
-        )
-        if doc is None:
+        try:
+            saga = await resilient(lambda: self._raise_epoch(saga_id, owner, _session_hex(session)), "lease")
+        except SagaNotFound:
             await session.end_session()
-            raise SagaNotFound(saga_id)
-        saga = saga_from_doc(doc)
+            raise
         if saga.state in TERMINAL_STATES:
             await session.end_session()
         else:
             self._sessions[saga_id] = session
         return saga
 
+    async def _raise_epoch(self, saga_id: str, owner: str, session_hex: str) -> Saga:
+        """Take the lease by compare-and-set on the epoch (two indexed commands; see fenced_update
+        for why not findAndModify): of two racing takers exactly one moves epoch e to e + 1."""
+        while True:
+            doc = await self.sagas.find_one({"_id": oid(saga_id)})
+            if doc is None:
+                raise SagaNotFound(saga_id)
+            seen = (doc.get("lease") or {}).get("epoch")  # None: never leased (matches a missing field)
+            epoch = int(seen or 0)
+            taken = await self.sagas.update_one(
+                {"_id": doc["_id"], "lease.epoch": seen},
+                {"$set": {"lease.epoch": epoch + 1, "lease.owner": owner, "session": session_hex}},
+            )
+            if taken.matched_count:
+                doc.setdefault("lease", {}).update(epoch=epoch + 1, owner=owner)
+                doc["session"] = session_hex
+                self._known[saga_id] = _Known.of(epoch + 1, doc)
+                return saga_from_doc(doc)
+
     async def release(self, saga_id: str) -> None:
         """Forget the saga's session (the runner is done with it)."""
+        self._known.pop(saga_id, None)
         session = self._sessions.pop(saga_id, None)
         if session is not None:
             await session.end_session()
@@ -499,17 +570,16 @@ class MongoSagaStore:
     async def reopen_for_compensation(self, saga_id: str, reason: str) -> Saga:
         """A completed child whose parent compensates goes back to ``compensating`` (no actor:
         the supervisor restores it like any saga whose actor is gone)."""
-        doc = await resilient(
-            lambda: self.sagas.find_one_and_update(
+        await resilient(
+            lambda: self.sagas.update_one(
                 {"_id": oid(saga_id), "state": SagaState.COMPLETED.value, "parent": {"$ne": None}},
                 {"$set": {"state": SagaState.COMPENSATING.value, "error": reason, "abort_requested": reason,
                           "updatedAt": _utcnow(), "restore_attempts": 0},
                  "$inc": {"lease.epoch": 1}},  # fmt: skip
-                return_document=ReturnDocument.AFTER,
             ),
             "reopen child saga",
         )
-        return saga_from_doc(doc) if doc else await self.get(saga_id)
+        return await self.get(saga_id)
 
     async def request_abort(self, saga_id: str, reason: str) -> Saga:
         saga = await self.get(saga_id)
@@ -519,15 +589,14 @@ class MongoSagaStore:
             return await self.resume(saga_id, abort_reason=reason)
         if saga.state in (SagaState.ABORTED, SagaState.COMPENSATING) or saga.abort_requested:
             return saga
-        doc = await self.sagas.find_one_and_update(
+        requested = await self.sagas.update_one(
             {"_id": oid(saga_id), "state": {"$in": [s.value for s in LIVE_STATES | {SagaState.PARKED}]},
              "abort_requested": None},
             {"$set": {"abort_requested": reason}},
-            return_document=ReturnDocument.AFTER,
         )
-        if doc is None:  # raced with a transition; report what it is now
-            return await self.get(saga_id)
-        saga = saga_from_doc(doc)
+        saga = await self.get(saga_id)
+        if not requested.matched_count:  # raced with a transition; report what it is now
+            return saga
         if saga.state == SagaState.WAITING and await self.wake(saga_id):
             return await self.get(saga_id)  # due now: relaunched to compensate
         return saga
@@ -565,16 +634,11 @@ class MongoSagaStore:
 
     async def note_restore(self, saga_id: str) -> int:
         """Count a restore; the supervisor parks a saga whose restores keep failing."""
-        doc = await resilient(
-            lambda: self.sagas.find_one_and_update(
-                {"_id": oid(saga_id)},
-                {"$inc": {"restore_attempts": 1}},
-                projection={"restore_attempts": 1},
-                return_document=ReturnDocument.AFTER,
-            ),
-            "count restore",
+        await resilient(
+            lambda: self.sagas.update_one({"_id": oid(saga_id)}, {"$inc": {"restore_attempts": 1}}), "count restore"
         )
-        return int(doc["restore_attempts"]) if doc else 0
+        doc = await self.sagas.find_one({"_id": oid(saga_id)}, {"restore_attempts": 1})  # only the supervisor counts
+        return int(doc.get("restore_attempts", 0)) if doc else 0
 
     async def resume(self, saga_id: str, *, abort_reason: str | None = None) -> Saga:
         """Operator action: put a parked saga back where it was (optionally aborting it)."""
@@ -591,12 +655,10 @@ class MongoSagaStore:
         }
         if abort_reason is not None and back == SagaState.RUNNING:
             fields["abort_requested"] = abort_reason
-        doc = await self.sagas.find_one_and_update(
-            {"_id": oid(saga_id), "state": SagaState.PARKED.value},
-            {"$set": fields, "$inc": {"lease.epoch": 1}},
-            return_document=ReturnDocument.AFTER,
+        await self.sagas.update_one(
+            {"_id": oid(saga_id), "state": SagaState.PARKED.value}, {"$set": fields, "$inc": {"lease.epoch": 1}}
         )
-        return saga_from_doc(doc) if doc else await self.get(saga_id)
+        return await self.get(saga_id)
 
     async def prune(self, older_than: Any, limit: int = 500) -> int:
         """Drop stage payloads of terminal sagas finished before ``older_than``; keep summaries."""
