@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test bench up down clean
+.PHONY: venv bytecode demo test bench up down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,16 +14,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+# Every Ray worker (a dedicated saga actor is one process per saga) imports the project anew; with
+# PYTHONDONTWRITEBYTECODE set (common in containers) each would compile it from source. Up-to-date
+# .pyc files are read even then, so write them once here (a no-op when nothing changed).
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q orchestration persistence actors bench examples tests
+
+demo: bytecode
 	$(BIN)/essential demo
 
-test: $(STAMP)
+test: bytecode
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: bytecode
 	$(BIN)/python -m bench.saga_bench
 
-up: $(STAMP)
+up: bytecode
 	$(BIN)/essential up
 
 down: $(STAMP)

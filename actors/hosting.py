@@ -15,6 +15,9 @@ from .runtime import get_runtime
 
 log = logging.getLogger("essential.hosting")
 
+#: the supervisor's actor name (here, not in actors.supervisor: saga processes must not import that)
+SUPERVISOR_NAME = "essential:supervisor"
+
 
 def owner_label(where: str) -> str:
     """Lease owner: which node, process and actor drive the saga (shown by `essential status`)."""
@@ -50,12 +53,14 @@ async def drive(
         logs.configure(getattr(conf, "log_format", "kv"), getattr(conf, "log_level", "INFO"))
         observer = SagaMetrics(forward=forward_metrics, namespace=conf.namespace, on_event=logs.saga_event)
         observer.prepare()
-        # issue 5: a recorded saga (start/add/commit/abort) is hosted by actors.recorded, not the job runner
-        from .recorded import drive_recorded, is_recorded
+        # issue 5: a recorded saga (start/add/commit/abort) is hosted by actors.recorded, not the job
+        # runner; imported only when it may be one (a dedicated process pays every import itself)
+        if not orchestrated:
+            from .recorded import drive_recorded, is_recorded
 
-        if not orchestrated and await is_recorded(runtime, saga_id):
-            await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
-            return None
+            if await is_recorded(runtime, saga_id):
+                await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
+                return None
         runner = SagaRunner(
             saga_id,
             store=runtime.store,
@@ -96,8 +101,6 @@ class EndNotice:
         self._supervisor: Any = None
 
     def send(self, saga_id: str, saga: Saga | None) -> None:
-        from .supervisor import SUPERVISOR_NAME
-
         try:
             if self._supervisor is None:
                 self._supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=self.namespace)

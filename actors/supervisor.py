@@ -30,13 +30,13 @@ from orchestration.signals import SignalRequest
 from orchestration.states import TERMINAL_STATES
 
 from . import metrics, tracing
+from .hosting import SUPERVISOR_NAME
 from .placement import Placement
 from .waiters import EndWatch
 from .runtime import Runtime, get_runtime, settings_from
 
 log = logging.getLogger("essential.supervisor")
 
-SUPERVISOR_NAME = "essential:supervisor"
 ACTIVE_STATES = [SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING]
 
 
