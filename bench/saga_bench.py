@@ -59,21 +59,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def server_ops(uri: str) -> dict[str, int]:
-    """The server's own operation counters (``serverStatus.opcounters``): what a mode costs the
-    storage, background work (sweeps, heartbeats, relays) included, whichever process sent it."""
+#: the pid of the server the current mode runs against (its CPU time is a figure of each mode)
+SERVER_PID: int | None = None
+
+
+def server_ops(uri: str) -> dict[str, float]:
+    """The server's own operation counters (``serverStatus.opcounters``) and its CPU seconds: what
+    a mode costs the storage, background work (sweeps, heartbeats, relays) included."""
     from pymongo import MongoClient
 
     with MongoClient(uri, directConnection=True) as client:
-        return dict(client.admin.command("serverStatus")["opcounters"])
+        counters: dict[str, float] = dict(client.admin.command("serverStatus")["opcounters"])
+    if SERVER_PID is not None:
+        fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
+        counters["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return counters
 
 
-def ops_per_saga(before: dict[str, int], after: dict[str, int], sagas: int) -> dict[str, float]:
-    """Data operations (insert, query, update, delete, getmore) and other commands (transaction
-    commits, heartbeats, index checks) per saga."""
+def ops_per_saga(before: dict[str, float], after: dict[str, float], sagas: int) -> dict[str, float]:
+    """Data operations (insert, query, update, delete, getmore), other commands (transaction
+    commits, heartbeats, index checks) and server CPU milliseconds per saga."""
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     data = sum(delta.get(k, 0) for k in ("insert", "query", "update", "delete", "getmore"))
-    return {"server_data_ops_per_saga": round(data / sagas, 1), "server_other_commands_per_saga": round(delta.get("command", 0) / sagas, 1)}
+    figures = {"server_data_ops_per_saga": round(data / sagas, 1), "server_other_commands_per_saga": round(delta.get("command", 0) / sagas, 1)}
+    if "cpu_s" in delta:
+        figures["server_cpu_ms_per_saga"] = round(delta["cpu_s"] * 1000 / sagas, 1)
+    return figures
 
 
 def payloads(n: int, seed: int) -> list[dict[str, Any]]:
@@ -379,6 +390,10 @@ def _ops_cell(extra: dict[str, Any]) -> str:
     return f"{extra['server_data_ops_per_saga']:.0f} + {extra['server_other_commands_per_saga']:.0f}"
 
 
+def _cpu_cell(extra: dict[str, Any]) -> str:
+    return f"{extra['server_cpu_ms_per_saga']:.0f}" if "server_cpu_ms_per_saga" in extra else "-"
+
+
 def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dict[str, Any], out_dir: Path) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -386,14 +401,14 @@ def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     console = Console(width=140)
     base = {r.concurrency: r for r in results if r.mode == "baseline"}
     table = Table("mode", "sagas", "conc.", "sagas/s", "× baseline", "p50 ms", "p95 ms", "p99 ms", "p50 ×", "p99 ×",
-                  "done/aborted", "db ops/saga", title="Essential saga benchmark (4-step order saga, 10 % compensating)")  # fmt: skip
+                  "done/aborted", "db ops/saga", "db CPU ms/saga", title="Essential saga benchmark (4-step order saga, 10 % compensating)")  # fmt: skip
     for r in results:
         b = base.get(r.concurrency)
         ratio = lambda a, c: f"{a / c:.2f}" if b and c else "-"  # noqa: E731
         table.add_row(
             r.mode, str(r.sagas), str(r.concurrency), f"{r.sagas_per_s:.1f}", ratio(r.sagas_per_s, b.sagas_per_s if b else 0),
             f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}", ratio(r.p50_ms, b.p50_ms if b else 0),
-            ratio(r.p99_ms, b.p99_ms if b else 0), f"{r.completed}/{r.aborted}", _ops_cell(r.extra),
+            ratio(r.p99_ms, b.p99_ms if b else 0), f"{r.completed}/{r.aborted}", _ops_cell(r.extra), _cpu_cell(r.extra),
         )  # fmt: skip
     console.print(table)
     mem = Table("placement", "live sagas", "processes", "RSS MB", "MB / live saga", "marginal MB / saga", title="Memory per live saga")
@@ -449,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         def fresh(label: str) -> EmbeddedMongo:
             """Each mode gets a new server: what one mode leaves behind (documents, oplog) would
             slow the next, and the comparison must not depend on the order the modes run in."""
+            global SERVER_PID
             server = EmbeddedMongo(Path(tmp) / label / "db", log_dir=Path(tmp) / label, sync_on_commit=sync)
             os.environ["ESSENTIAL_MONGODB_URI"] = server.start().uri
+            SERVER_PID = server.pid
             return server
 
         c = args.concurrency
