@@ -393,6 +393,7 @@ class SagaRunner:
         before = {k: v for k, v in results.items() if k not in {m.name for m in members}}
         todo: list[tuple[Step, Stage, StepContext]] = []
         new: list[Stage] = []
+        written_at = self.clock.now()
         for step in members:
             stage = self._latest(step.name)
             if stage is not None and stage.status == StageStatus.SUCCEEDED:
@@ -403,7 +404,7 @@ class SagaRunner:
                 continue
             if stage is None or stage.status != StageStatus.STARTED:
                 seq = member_seq
-                stage = self._new_stage(step, seq, Action(step.action), req=saga.payload)
+                stage = self._new_stage(step, seq, Action(step.action), req=saga.payload, at=written_at)
                 stage.meta.group = group
                 new.append(stage)
             todo.append((step, stage, ctx))
@@ -806,7 +807,8 @@ class SagaRunner:
         assert self.saga is not None, "run() acquires the saga first"
         return self.saga
 
-    def _new_stage(self, step: Step, seq: int, action: Action, req: Any) -> Stage:
+    def _new_stage(self, step: Step, seq: int, action: Action, req: Any, *, at: datetime | None = None) -> Stage:
+        """``at``: stages written ahead together (a parallel group) share one start time."""
         saga = self._saga
         return Stage(
             saga=saga.id,
@@ -820,7 +822,7 @@ class SagaRunner:
                 correlation_id=saga.correlation_id,
                 traceparent=saga.traceparent,
             ),
-            started_at=self.clock.now(),
+            started_at=at or self.clock.now(),
         )
 
     def _note(self, abort_requested: Any) -> None:

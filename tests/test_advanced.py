@@ -86,7 +86,14 @@ async def finished(client: Any, saga_id: str, timeout: float = 180) -> Any:
 
 # --------------------------------------------------------------------------- parallel groups
 async def test_parallel_group_runs_its_members_concurrently(client: Any, store: Any, mongo: Any) -> None:
-    saga_id = await call(client.start, "test:parallel", {"sleep": {"b": 0.6, "c": 0.6, "d": 0.6}})
+    gate = f"g-{uuid.uuid4().hex}"  # every member holds at the gate: they can only all be there if they run at once
+    saga_id = await call(client.start, "test:parallel", {"gate": {"b": gate, "c": gate, "d": gate}})
+
+    async def all_members_running() -> bool:
+        return await mongo[JOBS_DB].calls.count_documents({"saga": saga_id, "step": {"$in": ["b", "c", "d"]}}) == 3
+
+    await poll(all_members_running, timeout=60, what="b, c and d running at the same time")
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     saga = await finished(client, saga_id)
     assert saga.state == SagaState.COMPLETED, saga.error
     stages = await store.stages(saga_id)
@@ -119,7 +126,8 @@ async def test_a_failed_member_compensates_the_others_then_the_steps_before(
 async def test_crash_with_the_group_half_done_reruns_only_the_unfinished_member(
     client: Any, store: Any, mongo: Any
 ) -> None:
-    saga_id = await call(client.start, "test:parallel", {"sleep": {"c": 4}})
+    gate = f"g-{uuid.uuid4().hex}"  # c cannot finish before the kill, however slow the machine
+    saga_id = await call(client.start, "test:parallel", {"gate": {"c": gate}})
 
     async def half_done() -> bool:
         return await stage_is(store, saga_id, "b", StageStatus.SUCCEEDED) and await stage_is(
@@ -129,6 +137,7 @@ async def test_crash_with_the_group_half_done_reruns_only_the_unfinished_member(
     await poll(half_done, timeout=30, what="b and d done, c running")
     assert await stage_is(store, saga_id, "c", StageStatus.STARTED)
     await kill_actor(saga_id)
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})  # the restored run of c goes through
     saga = await finished(client, saga_id)
     assert saga.state == SagaState.COMPLETED, saga.error
     assert saga.lease.epoch >= 2
@@ -303,7 +312,8 @@ async def test_compensating_the_parent_compensates_its_completed_child(client: A
 
 
 async def test_aborting_the_parent_aborts_its_running_child(client: Any, store: Any, mongo: Any) -> None:
-    parent_id = await call(client.start, "test:parent", {"child": {"sleep": {"x": 3}}})
+    gate = f"g-{uuid.uuid4().hex}"  # the child's x finishes only once the child's abort is on record
+    parent_id = await call(client.start, "test:parent", {"child": {"gate": {"x": gate}}})
 
     async def child_running() -> bool:
         child = await _child_of(store, parent_id)
@@ -311,6 +321,12 @@ async def test_aborting_the_parent_aborts_its_running_child(client: Any, store: 
 
     await poll(child_running, timeout=60, what="the child to run")
     await call(client.abort, parent_id, "order cancelled")
+
+    async def child_told() -> bool:
+        return bool((await _child_of(store, parent_id)).abort_requested)
+
+    await poll(child_told, timeout=60, what="the parent's abort to reach its child")
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     saga = await finished(client, parent_id)
     assert saga.state == SagaState.ABORTED and "order cancelled" in (saga.error or "")
     child = await _child_of(store, parent_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from typing import Any, AsyncIterator
 
 import pytest
@@ -107,7 +108,8 @@ async def test_a_result_is_durable_before_the_next_step_runs(
     """The runner dies while step b runs: a's folded result is already in MongoDB, so a
     restored runner runs b again and never a."""
     store, _ = counted
-    saga_id = await start(store, registry, {"sleep": {"b": 2}})
+    gate = f"g-{uuid.uuid4().hex}"  # b cannot finish before the runner is gone
+    saga_id = await start(store, registry, {"gate": {"b": gate}})
     first = asyncio.create_task(SagaRunner(saga_id, store=store, registry=registry, owner="first").run())
 
     async def b_running() -> bool:
@@ -117,6 +119,7 @@ async def test_a_result_is_durable_before_the_next_step_runs(
     first.cancel()  # the runner is gone mid-step, as if its process died
     with contextlib.suppress(asyncio.CancelledError):
         await first
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     stages = {s.step: s for s in await store.stages(saga_id)}
     assert stages["a"].status == StageStatus.SUCCEEDED and stages["a"].res is not None
     assert stages["b"].status == StageStatus.STARTED
@@ -137,7 +140,8 @@ async def test_a_durable_abort_refuses_the_next_write_ahead(
     """Only MongoDB knows of the abort (as when a parent aborts its child saga): the step
     in flight finishes, the next one is never written ahead, the finished ones are undone."""
     store, _ = counted
-    saga_id = await start(store, registry, {"sleep": {"b": 1}})
+    gate = f"g-{uuid.uuid4().hex}"  # b finishes only once the abort is on record
+    saga_id = await start(store, registry, {"gate": {"b": gate}})
     runner = asyncio.create_task(SagaRunner(saga_id, store=store, registry=registry, owner="t", fold_checkpoints=fold).run())
 
     async def b_running() -> bool:
@@ -145,6 +149,7 @@ async def test_a_durable_abort_refuses_the_next_write_ahead(
 
     await poll(b_running, timeout=30, what="step b running")
     await store.request_abort(saga_id, "cancelled in MongoDB only")
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     done = await asyncio.wait_for(runner, 60)
     assert done.state == SagaState.ABORTED and "cancelled in MongoDB only" in (done.error or "")
     stages = await store.stages(saga_id)

@@ -5,6 +5,7 @@ import asyncio
 import os
 import random
 import signal
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -47,11 +48,13 @@ async def assert_consistent(store: Any, mongo: Any, saga_id: str) -> None:
 async def test_killed_actor_process_resumes_and_records_each_effect_once(
     client: Any, store: Any, mongo: Any
 ) -> None:
-    saga_id = await call(client.start, "test:chain", {"sleep": {"b": 3}})
+    gate = f"g-{uuid.uuid4().hex}"  # b cannot finish before the kill, however slow the machine
+    saga_id = await call(client.start, "test:chain", {"gate": {"b": gate}})
     await poll(lambda: stage_started(store, saga_id, "b"), timeout=30, what="step b running")
     handle = _actor(saga_id)
     pid = await handle.pid.remote()
     os.kill(pid, signal.SIGKILL)
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})  # the restored run of b goes through
     saga = await call(client.wait, saga_id, 90)
     assert saga.state == SagaState.COMPLETED
     assert saga.lease.epoch >= 2, "a new actor took the lease"
