@@ -28,7 +28,7 @@ from actors.saga_actor import actor_name
 from orchestration import SagaState
 from orchestration.states import Action, StageStatus
 
-from .conftest import REPO, TEST_DB, poll
+from .conftest import JOBS_DB, REPO, TEST_DB, poll
 from .jobs import MANUAL_TOPIC, PAYMENTS_TOPIC
 
 pytestmark = pytest.mark.asyncio
@@ -237,8 +237,9 @@ async def test_abort_command_compensates_a_running_saga(
     gateway: Any, producer: AIOKafkaProducer, kafka: Any, mongo: Any, client: Any, store: Any, settings: Any
 ) -> None:
     correlation = f"c-{uuid.uuid4()}"
+    gate = f"g-{uuid.uuid4().hex}"  # b finishes only once the abort is on record, however slow the machine
     await producer.send_and_wait(
-        settings.kafka_command_topic, start_command("test:chain", {"sleep": {"b": 2}}, correlation_id=correlation)
+        settings.kafka_command_topic, start_command("test:chain", {"gate": {"b": gate}}, correlation_id=correlation)
     )
     sagas = await poll(lambda: sagas_by_correlation(mongo, correlation), timeout=60, what="saga created")
     saga_id = str(sagas[0]["_id"])
@@ -250,6 +251,12 @@ async def test_abort_command_compensates_a_running_saga(
     abort = {"schema": 1, "type": "abort", "saga": saga_id, "reason": "cancelled over Kafka"}
     async with Tap(kafka.bootstrap, *LIFECYCLE) as tap:
         await producer.send_and_wait(settings.kafka_command_topic, json.dumps(abort).encode())
+
+        async def abort_recorded() -> bool:
+            return bool((await store.get(saga_id)).abort_requested)
+
+        await poll(abort_recorded, timeout=60, what="the abort command applied")
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
         saga = await wait_saga(client, saga_id)
         assert saga.state == SagaState.ABORTED
         assert "cancelled over Kafka" in (saga.error or "")
