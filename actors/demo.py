@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestration import Saga, SagaState
+from orchestration import IllegalTransition, Saga, SagaState
 from orchestration.states import Action
 
 from .settings import Settings, get_settings
@@ -89,7 +89,7 @@ def plan_batch(per_job: int) -> list[Planned]:
                 item.payload["crash_after"] = CRASH_AFTER[job]
                 item.scenario = f"crash after {CRASH_AFTER[job]}"
             elif i == 2:
-                item.payload["slow_ms"] = 700
+                item.payload["slow_ms"] = 1500  # long enough for the abort to land between two steps
                 item.abort = True
                 item.scenario = "aborted in mid-saga"
             elif i == 3 and job in ("order:fulfillment", "logistic:shipment"):
@@ -224,7 +224,10 @@ def _follow(client: Any, batch: list[Planned]) -> None:
             states = client.states([p.saga_id for p in batch])
             for saga_id in list(to_abort):
                 if states.get(saga_id) == "running":
-                    client.abort(saga_id, "customer cancelled (demo)")
+                    try:
+                        client.abort(saga_id, "customer cancelled (demo)")
+                    except IllegalTransition:  # it finished between our look and our abort: nothing to undo
+                        console.print(f"saga {saga_id} completed before the demo's abort reached it")
                     to_abort.discard(saga_id)
             for saga_id, (name, data) in list(to_signal.items()):
                 if states.get(saga_id) == "waiting":  # parked without an actor until the decision comes
