@@ -56,9 +56,7 @@ class EndWatch:
         while self._waiters:
             try:
                 for saga_id, saga in (await self._ended(list(self._waiters))).items():
-                    for future in self._waiters.pop(saga_id, []):
-                        if not future.done():
-                            future.set_result(saga)
+                    self.resolve(saga_id, saga)
             except Exception:  # noqa: BLE001 - a failed round (MongoDB outage) is retried next tick
                 log.warning("end watch: poll failed", exc_info=True)
             await asyncio.sleep(self._interval)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 REPO = Path(__file__).resolve().parent.parent
 FAIL_SHARE = 0.10
@@ -85,6 +85,15 @@ def ops_per_saga(before: dict[str, float], after: dict[str, float], sagas: int) 
     if "cpu_s" in delta:
         figures["server_cpu_ms_per_saga"] = round(delta["cpu_s"] * 1000 / sagas, 1)
     return figures
+
+
+async def measured_batch(uri: str, batch: list[Awaitable[str]]) -> tuple[list[str], float, dict[str, float]]:
+    """Run the batch: its saga ids, wall seconds, and what it cost the server per saga."""
+    before = await asyncio.to_thread(server_ops, uri)
+    started = time.perf_counter()
+    ids = await asyncio.gather(*batch)
+    wall = time.perf_counter() - started
+    return list(ids), wall, ops_per_saga(before, await asyncio.to_thread(server_ops, uri), len(batch))
 
 
 def payloads(n: int, seed: int) -> list[dict[str, Any]]:
@@ -173,15 +182,11 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
             return await one(payload)
 
     work = payloads(n, seed)
-    ops_before = await asyncio.to_thread(server_ops, uri)
-    started = time.perf_counter()
-    ids = await asyncio.gather(*(gated(p) for p in work))
-    wall = time.perf_counter() - started
-    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
+    ids, wall, ops = await measured_batch(uri, [gated(p) for p in work])
     forward_steps = sum(3 if p["fail_last"] else 4 for p in work)  # succeeded + the failing one counts below
     steps = sum(4 for _ in work)
     result = await summarize(
-        mode, store, list(ids), concurrency, wall,
+        mode, store, ids, concurrency, wall,
         mongo_commands_per_saga=round(Commands.count / n, 1),
         checkpoint_transactions_per_step=round(counting.checkpoints / (steps + 3 * sum(p["fail_last"] for p in work)), 2),
         checkpoint_share=round(counting.checkpoint_s / saga_time, 3) if saga_time else None,
@@ -253,12 +258,8 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
                 ray.kill(actor)
             return saga.id
 
-    ops_before = await asyncio.to_thread(server_ops, uri)
-    started = time.perf_counter()
-    ids = await asyncio.gather(*(one(p) for p in payloads(n, seed)))
-    wall = time.perf_counter() - started
-    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
-    result = await summarize("naive", store, list(ids), concurrency, wall, **ops)
+    ids, wall, ops = await measured_batch(uri, [one(p) for p in payloads(n, seed)])
+    result = await summarize("naive", store, ids, concurrency, wall, **ops)
     await client.close()
     return result
 
@@ -287,13 +288,9 @@ async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: i
             return saga_id
 
     await asyncio.gather(*(one(p) for p in payloads(warmup, seed + 1)))
-    ops_before = await asyncio.to_thread(server_ops, uri)
-    started = time.perf_counter()
-    ids = await asyncio.gather(*(one(p) for p in payloads(n, seed)))
-    wall = time.perf_counter() - started
-    ops = ops_per_saga(ops_before, await asyncio.to_thread(server_ops, uri), n)
+    ids, wall, ops = await measured_batch(uri, [one(p) for p in payloads(n, seed)])
     client = AsyncMongoClient(uri, tz_aware=True)
-    result = await summarize(mode, MongoSagaStore(client, name), list(ids), concurrency, wall, **ops)
+    result = await summarize(mode, MongoSagaStore(client, name), ids, concurrency, wall, **ops)
     await client.close()
     await asyncio.to_thread(stop_deployment, name)  # its supervisor must not sweep while the next mode runs
     return result

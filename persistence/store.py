@@ -300,7 +300,10 @@ class MongoSagaStore:
         is in fact alive only loses that transaction and then its lease (fencing).
         """
         doc = await resilient(lambda: self.sagas.find_one({"_id": oid(saga_id)}, {"session": 1}), "read session")
-        session_id = (doc or {}).get("session")
+        return await self._end_session_of(saga_id, (doc or {}).get("session"))
+
+    async def _end_session_of(self, saga_id: str, session_id: str | None) -> bool:
+        """``killSessions`` on the session a saga's last runner used (see :meth:`reclaim`)."""
         if not session_id:
             return False
         lsid = {"id": Binary(uuid.UUID(session_id).bytes, UUID_SUBTYPE)}
@@ -315,7 +318,6 @@ class MongoSagaStore:
         old = self._sessions.pop(saga_id, None)
         if old is not None:
             await old.end_session()
-        await self.reclaim(saga_id)  # a predecessor killed mid-checkpoint must not block the lease
         session = self.client.start_session()
         try:
             saga = await resilient(lambda: self._raise_epoch(saga_id, owner, _session_hex(session)), "lease")
@@ -330,11 +332,16 @@ class MongoSagaStore:
 
     async def _raise_epoch(self, saga_id: str, owner: str, session_hex: str) -> Saga:
         """Take the lease by compare-and-set on the epoch (two indexed commands; see fenced_update
-        for why not findAndModify): of two racing takers exactly one moves epoch e to e + 1."""
+        for why not findAndModify): of two racing takers exactly one moves epoch e to e + 1.
+        A predecessor killed mid-checkpoint must not block it: its session is ended first."""
+        reclaimed = False
         while True:
             doc = await self.sagas.find_one({"_id": oid(saga_id)})
             if doc is None:
                 raise SagaNotFound(saga_id)
+            if not reclaimed:
+                reclaimed = True
+                await self._end_session_of(saga_id, doc.get("session"))
             seen = (doc.get("lease") or {}).get("epoch")  # None: never leased (matches a missing field)
             epoch = int(seen or 0)
             taken = await self.sagas.update_one(
