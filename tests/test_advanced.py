@@ -67,10 +67,24 @@ async def runs_of(mongo: Any, saga_id: str) -> Counter:
 
 
 async def kill_actor(saga_id: str, namespace: str = "essential") -> None:
-    """SIGKILL the process of the saga's dedicated actor and wait until Ray knows it is gone."""
+    """SIGKILL the process of the saga's dedicated actor and wait until Ray knows it is gone.
+
+    The supervisor may restore the saga at once, under the same name: a live actor with
+    another pid counts as gone too (a restored step held at a gate would keep it forever)."""
     handle = await poll(lambda: _named(f"saga:{saga_id}", namespace), timeout=30, what=f"actor of {saga_id}")
-    os.kill(await handle.pid.remote(), signal.SIGKILL)
-    await poll(lambda: _named(f"saga:{saga_id}", namespace) is None, timeout=30, what="the killed actor to be gone")
+    killed = await handle.pid.remote()
+    os.kill(killed, signal.SIGKILL)
+
+    async def gone_or_replaced() -> bool:
+        current = _named(f"saga:{saga_id}", namespace)
+        if current is None:
+            return True
+        try:
+            return await asyncio.wait_for(current.pid.remote(), 5) != killed
+        except Exception:  # noqa: BLE001 - still the killed actor, not yet known dead
+            return False
+
+    await poll(gone_or_replaced, timeout=30, what="the killed actor to be gone")
 
 
 def _named(name: str, namespace: str) -> Any:
