@@ -72,6 +72,7 @@ def _read(view: Callable[[Any], Awaitable[Any]]) -> Any:
     from pymongo import AsyncMongoClient
     from pymongo.errors import ServerSelectionTimeoutError
 
+    from persistence.connection import new_client
     from persistence.views import SagaViews
 
     settings = get_settings()
@@ -79,7 +80,7 @@ def _read(view: Callable[[Any], Awaitable[Any]]) -> Any:
         settings = _load_stack_env(settings)
 
     async def run() -> Any:
-        client: AsyncMongoClient = AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=5000)
+        client: AsyncMongoClient = new_client(settings.mongodb_uri, serverSelectionTimeoutMS=5000)
         try:
             return await view(SagaViews(client[settings.database]))
         except ServerSelectionTimeoutError:

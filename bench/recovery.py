@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 async def measure(kills: int, interval: float, uri: str) -> list[float]:
     import ray
-    from pymongo import AsyncMongoClient
+    from persistence.connection import new_client
 
     from actors.client import EssentialClient
     from actors.settings import Settings
@@ -35,7 +35,7 @@ async def measure(kills: int, interval: float, uri: str) -> list[float]:
         job_modules=["bench.jobs"], supervisor_interval=interval,
     )  # fmt: skip
     client = await asyncio.to_thread(EssentialClient, settings)
-    store = MongoSagaStore(AsyncMongoClient(uri, tz_aware=True), "bench_recovery")
+    store = MongoSagaStore(new_client(uri), "bench_recovery")
     delays: list[float] = []
     for _ in range(kills):
         saga_id = client.start("bench:hold", {"hold_s": 30})

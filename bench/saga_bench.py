@@ -138,7 +138,9 @@ class CountingStore:
 
 
 async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: int, fold: bool = True) -> ModeResult:
-    from pymongo import AsyncMongoClient, monitoring
+    from pymongo import monitoring
+
+    from persistence.connection import new_client
 
     from orchestration import JobRegistry, SagaRunner, StartRequest, SystemClock, build_saga
     from persistence.store import MongoSagaStore
@@ -153,7 +155,7 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
 
         def failed(self, event: Any) -> None: ...
 
-    client = AsyncMongoClient(uri, tz_aware=True, event_listeners=[Commands()])
+    client = new_client(uri, event_listeners=[Commands()])
     os.environ["ESSENTIAL_MONGODB_URI"] = uri
     mode = "baseline" if fold else "baseline-unfolded"
     store = MongoSagaStore(client, f"bench_{mode}_c{concurrency}")
@@ -214,13 +216,12 @@ def naive_actor_class() -> Any:
         """Everything per saga: a process, a client, the job import."""
 
         async def run(self, saga_id: str, uri: str, database: str) -> str:
-            from pymongo import AsyncMongoClient
-
             from orchestration import JobRegistry, SagaRunner
+            from persistence.connection import new_client
             from persistence.store import MongoSagaStore
 
             os.environ["ESSENTIAL_MONGODB_URI"] = uri
-            client = AsyncMongoClient(uri, tz_aware=True)
+            client = new_client(uri)
             try:
                 store = MongoSagaStore(client, database)
                 registry = JobRegistry.from_modules(["bench.jobs"])
@@ -234,13 +235,13 @@ def naive_actor_class() -> Any:
 
 async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult:
     import ray
-    from pymongo import AsyncMongoClient
+    from persistence.connection import new_client
 
     from orchestration import JobRegistry, StartRequest, SystemClock, build_saga
     from persistence.store import MongoSagaStore
 
     actor_cls = naive_actor_class()
-    client = AsyncMongoClient(uri, tz_aware=True)
+    client = new_client(uri)
     database = "bench_naive"
     store = MongoSagaStore(client, database)
     await store.ensure_indexes()
@@ -265,7 +266,7 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
 
 
 async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: int, seed: int, **conf: Any) -> ModeResult:
-    from pymongo import AsyncMongoClient
+    from persistence.connection import new_client
 
     from actors.client import EssentialClient, stop_deployment
     from actors.settings import Settings
@@ -289,7 +290,7 @@ async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: i
 
     await asyncio.gather(*(one(p) for p in payloads(warmup, seed + 1)))
     ids, wall, ops = await measured_batch(uri, [one(p) for p in payloads(n, seed)])
-    client = AsyncMongoClient(uri, tz_aware=True)
+    client = new_client(uri)
     result = await summarize(mode, MongoSagaStore(client, name), ids, concurrency, wall, **ops)
     await client.close()
     await asyncio.to_thread(stop_deployment, name)  # its supervisor must not sweep while the next mode runs
