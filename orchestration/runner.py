@@ -157,7 +157,9 @@ class SagaRunner:
         except JobVersionMissing as exc:
             await self._park(str(exc))
             return await self.store.get(self.saga_id)
-        stages = await self.store.stages(self.saga_id)
+        # a pending saga has no stages: the runner writes its first one in the same
+        # transaction that moves it to running (one read saved per saga)
+        stages = [] if saga.state == SagaState.PENDING else await self.store.stages(self.saga_id)
         self._stages = {s.seq: s for s in stages}
 
         try:
@@ -181,7 +183,9 @@ class SagaRunner:
             await self._flush()  # the stages read back must include the folded results
             await self._compensate(job, await self.store.stages(self.saga_id))
         await self._flush()
-        return await self.store.get(self.saga_id)
+        # every write since the lease was fenced on what this runner knew, so its copy is the
+        # stored saga (no read back); a copy, so the caller's value cannot change under it
+        return self._saga.model_copy(deep=True)
 
     # -- forward path ------------------------------------------------------------------
     async def _forward(self, job: Job) -> str | None:
@@ -212,7 +216,7 @@ class SagaRunner:
                     failure = await runner(step, index, payload, results)
                     index += 1
             except AbortPending as pending:  # a durable abort refused the step's write-ahead
-                self.request_abort(pending.reason)
+                self._note(pending.reason)
                 await self._stop(step, pending.reason)
                 return pending.reason
             if failure is not None:
@@ -669,7 +673,7 @@ class SagaRunner:
         if current.lease.epoch != self.epoch:
             raise LeaseLost(self.saga_id, self.epoch)
         if current.abort_requested:
-            self.request_abort(current.abort_requested)
+            self._note(current.abort_requested)
 
     async def _park_waiting(self, label: str, until: datetime | None) -> None:
         deadline = self._saga.deadline
@@ -828,6 +832,8 @@ class SagaRunner:
     def _note(self, abort_requested: Any) -> None:
         """A fenced write returned the saga's durable abort request: honour it like a notice."""
         if isinstance(abort_requested, str) and abort_requested:
+            if self.saga is not None and self.saga.abort_requested is None:
+                self.saga.abort_requested = abort_requested  # as stored: run() returns this copy
             self.request_abort(abort_requested)
 
     async def _write_ahead(self, stages: list[Stage], index: int, *, locks: list[tuple[str, str]] | None = None) -> None:

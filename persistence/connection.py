@@ -15,27 +15,13 @@ _clients: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, AsyncMongoClien
 _lock = threading.Lock()
 
 
-def client_options(uri: str) -> dict[str, Any]:
-    """Options every Essential client uses (the bench's baseline too, so modes compare like for like).
-
-    ``serverMonitoringMode=poll``: a streaming monitor holds a connection open, and on
-    the SecantusDB dev server (a thread per connection, one GIL) that thread wakes four
-    times a second for as long as the client lives; with a client in every host and
-    saga actor that is a steady tax on the server every saga waits for. Polling sends
-    one ``hello`` per heartbeat (10 s) instead; a failover is still noticed at once by
-    the operation that meets it. In six alternating shared-placement runs the server's
-    CPU per saga was 83-84 ms polling and 82-99 ms streaming.
-    A URI that names its own ``serverMonitoringMode`` keeps it.
-    """
-    options: dict[str, Any] = {"tz_aware": True}
-    if "servermonitoringmode" not in uri.lower():
-        options["serverMonitoringMode"] = "poll"
-    return options
+#: what every Essential client uses (the bench's baseline too, so its modes compare like for like)
+CLIENT_OPTIONS: dict[str, Any] = {"tz_aware": True}
 
 
 def new_client(uri: str, **overrides: Any) -> AsyncMongoClient:
-    """A client with :func:`client_options` (callers that own and close their client)."""
-    return AsyncMongoClient(uri, **{**client_options(uri), **overrides})
+    """A client with :data:`CLIENT_OPTIONS` (for callers that own and close their client)."""
+    return AsyncMongoClient(uri, **{**CLIENT_OPTIONS, **overrides})
 
 
 def shared_client(uri: str) -> AsyncMongoClient:

@@ -1,19 +1,21 @@
 """Every Essential client is configured alike (persistence/connection.py), against the real dev server."""
 from __future__ import annotations
 
-from persistence.connection import shared_client
+from persistence.connection import new_client, shared_client
 
 
-async def test_clients_poll_the_server_instead_of_streaming_monitors(mongo_uri: str) -> None:
+async def test_one_tz_aware_client_per_process_and_loop(mongo_uri: str) -> None:
     client = shared_client(mongo_uri)
-    assert client.options.server_monitoring_mode == "poll"
-    assert client.codec_options.tz_aware
+    assert client.codec_options.tz_aware  # stored datetimes come back comparable with aware ones
     assert (await client.admin.command("ping"))["ok"] == 1.0
-    assert shared_client(mongo_uri) is client  # one per process and loop
+    assert shared_client(mongo_uri) is client
 
 
-async def test_a_uri_that_names_its_monitoring_mode_keeps_it(mongo_uri: str) -> None:
-    uri = mongo_uri + ("&" if "?" in mongo_uri else "?") + "serverMonitoringMode=stream"
-    client = shared_client(uri)
-    assert client.options.server_monitoring_mode == "stream"
-    assert (await client.admin.command("ping"))["ok"] == 1.0
+async def test_an_owned_client_takes_overrides_on_top_of_the_shared_options(mongo_uri: str) -> None:
+    client = new_client(mongo_uri, serverSelectionTimeoutMS=1234)
+    try:
+        assert client.codec_options.tz_aware
+        assert client.options.server_selection_timeout == 1.234
+        assert (await client.admin.command("ping"))["ok"] == 1.0
+    finally:
+        await client.close()
