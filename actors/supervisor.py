@@ -93,9 +93,13 @@ class Supervisor:
             self._backlog = True  # admitted when a slot frees
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
+    @ray.method(max_task_retries=0)
     async def saga_ended(self, saga_id: str, saga: dict[str, Any] | None = None) -> None:
         """A saga left its actor or host: hand it to its waiting callers, free its slot, and
-        admit the oldest pending sagas into free slots now (not at the next sweep)."""
+        admit the oldest pending sagas into free slots now (not at the next sweep).
+
+        Not retried (the class default retries forever): a host would keep resending to a
+        supervisor that is gone; a lost notice is covered by the sweep and the end watch's poll."""
         if saga is not None and self._end_watch is not None:
             ended = Saga.model_validate(saga)
             if ended.state in TERMINAL_STATES or ended.state == SagaState.PARKED:
