@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop what `essential up` started").set_defaults(fn=cmd_down)
 
     bench = sub.add_parser(
-        "bench", help="benchmark baseline, naive, dedicated and shared placement (flags: essential bench -- --help)"
+        "bench", help="benchmark baseline, naive, dedicated, shared and pooled placement (flags: essential bench -- --help)"
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="flags for the benchmark, e.g. --sagas 200")
     bench.set_defaults(fn=cmd_bench)

@@ -335,9 +335,10 @@ def dead_lettered(topic: str, code: str) -> None:
     apply([("essential_dead_letters", 1.0, {"topic": topic, "code": code})])
 
 
-def gauge_live(dedicated: int, shared: int, deployment: str = "essential") -> None:
+def gauge_live(dedicated: int, hosted: int, deployment: str = "essential", hosted_as: str = "shared") -> None:
+    """``hosted``: sagas in host actors, labelled ``hosted_as`` (shared or pooled placement)."""
     apply([("essential_live_saga_actors", float(dedicated), {"deployment": deployment, "placement": "dedicated"}),
-           ("essential_live_saga_actors", float(shared), {"deployment": deployment, "placement": "shared"})])  # fmt: skip
+           ("essential_live_saga_actors", float(hosted), {"deployment": deployment, "placement": hosted_as})])  # fmt: skip
 
 
 def gauge_pending(n: int, deployment: str = "essential") -> None:
@@ -358,7 +359,7 @@ async def observe_sweep(store: Any, placement: Any, pending: int) -> None:
     """
     try:
         deployment = placement.settings.namespace
-        gauge_live(len(placement.dedicated), len(placement.shared), deployment)
+        gauge_live(len(placement.dedicated), len(placement.shared), deployment, "pooled" if placement.pooled else "shared")
         gauge_pending(pending, deployment)
         now = time.monotonic()
         last, task = _refresh.get(deployment, (0.0, None))

@@ -1,10 +1,15 @@
-"""Where a live saga runs: its own actor (dedicated, the default) or a shared host actor.
+"""Where a live saga runs: its own actor (dedicated, the default), a shared host actor, or
+an actor of its own taken from a warm pool (pooled).
 
 The supervisor asks this module to launch, find, abort and replace sagas; it
 does not care which placement a job uses.  Shared placement is chosen globally
 (``ESSENTIAL_PLACEMENT=shared``) or per job (``ESSENTIAL_SHARED_JOBS``); a saga
-goes to host ``int(id) % pool``.  A host that dies is restarted by Ray (or
-recreated here), and the supervisor restores its sagas from their checkpoints.
+goes to host ``int(id) % pool``.  Pooled placement (``ESSENTIAL_PLACEMENT=pooled``)
+uses the same host actors, ``max_live_sagas`` of them, but gives each live saga a
+host to itself (a free one, remembered here and rebuilt from the hosts' own
+answers), so a saga keeps the isolation of a dedicated actor without a process
+start per saga.  A host that dies is restarted by Ray (or recreated here), and the
+supervisor restores its sagas from their checkpoints.
 """
 from __future__ import annotations
 
@@ -28,17 +33,32 @@ class Placement:
         self.settings = settings
         self.actor_settings = actor_settings
         self.dedicated: set[str] = set()
-        self.shared: set[str] = set()
+        self.shared: set[str] = set()  # in host actors: shared or pooled placement
         self._hosts: dict[int, Any] = {}
+        self.pooled = settings.placement == "pooled"
+        self._slots: dict[str, int] = {}  # pooled: saga id -> the host it has to itself
+        self._found_hosts = False
+        self._launching: dict[str, Any] = {}  # host launches not yet answered (ObjectRefs of run_saga)
 
     # -- policy ----------------------------------------------------------------------
     def is_shared(self, job: str) -> bool:
-        return self.settings.placement == "shared" or job in self.settings.shared_jobs
+        """Hosted by the host pool (shared or pooled placement) rather than an actor started for it."""
+        return self.settings.placement != "dedicated" or job in self.settings.shared_jobs
 
     def has_room(self, job: str) -> bool:
+        if self.pooled:
+            return len(self.shared) < self.settings.max_live_sagas
         if self.is_shared(job):
             return len(self.shared) < self.settings.max_shared_sagas
         return len(self.dedicated) < self.settings.max_live_sagas
+
+    def slots_free(self) -> int:
+        """Free places among the ``max_live_sagas`` actors (dedicated, or the pooled hosts)."""
+        return self.settings.max_live_sagas - len(self.shared if self.pooled else self.dedicated)
+
+    @property
+    def pool_size(self) -> int:
+        return self.settings.max_live_sagas if self.pooled else self.settings.host_pool_size
 
     @property
     def live(self) -> set[str]:
@@ -48,7 +68,7 @@ class Placement:
     def launch(self, saga_id: str, job: str, *, orchestrated: bool = False) -> None:
         """``orchestrated``: the caller knows it is a job saga (not a recorded one), saving the host a read."""
         if self.is_shared(job):
-            self._host_for(saga_id).run_saga.remote(saga_id, orchestrated)
+            self._launching[saga_id] = self._host_for(saga_id).run_saga.remote(saga_id, orchestrated)
             self.shared.add(saga_id)
             return
         try:
@@ -82,8 +102,8 @@ class Placement:
     def replace(self, saga_id: str, job: str) -> None:
         """Kill whatever runs the saga (a step that ignores cancellation); it is then restored."""
         if self.is_shared(job):
-            index = self._index_for(saga_id)
-            handle = self._hosts.pop(index, None)
+            index = self.index_of(saga_id)
+            handle = self._hosts.pop(index, None) if index is not None else None
             if handle is not None:  # Ray restarts the host; its other sagas are restored
                 ray.kill(handle, no_restart=False)
             return
@@ -94,6 +114,9 @@ class Placement:
     def forget(self, saga_ids: set[str]) -> None:
         self.dedicated -= saga_ids
         self.shared -= saga_ids
+        for saga_id in saga_ids:
+            self._slots.pop(saga_id, None)
+            self._launching.pop(saga_id, None)
 
     # -- liveness --------------------------------------------------------------------
     async def running(self, sagas: dict[str, str]) -> set[str]:
@@ -105,8 +128,20 @@ class Placement:
             hosted, silent = await self.hosted()
             # a host that does not answer (busy, restarting) may still run its sagas: count
             # them alive this round rather than start a second copy and burn restore attempts
-            alive |= {sid for sid in shared if sid in hosted or self._index_for(sid) in silent}
+            alive |= {sid for sid in shared if sid in hosted or self.index_of(sid) in silent or self._in_flight(sid)}
         return alive | await self.dedicated_running(dedicated)
+
+    def _in_flight(self, saga_id: str) -> bool:
+        """Launched, but its host has not taken it yet (the saga is not in its answer): alive, so
+        that a sweep does not launch it a second time (pooled: on another host)."""
+        ref = self._launching.get(saga_id)
+        if ref is None:
+            return False
+        ready, _ = ray.wait([ref], timeout=0)
+        if ready:  # taken (or the host died): from now on the host's own answer counts
+            del self._launching[saga_id]
+            return False
+        return True
 
     async def dedicated_running(self, saga_ids: list[str]) -> set[str]:
         checks = await asyncio.gather(*(asyncio.to_thread(self._dedicated_alive, sid) for sid in saga_ids))
@@ -130,6 +165,8 @@ class Placement:
                 silent.add(index)
             else:
                 found |= set(reply)
+                if self.pooled:  # rebuilds the slot map after a supervisor restart
+                    self._slots.update({sid: index for sid in reply})
         return found, silent
 
     async def host_stats(self) -> list[dict[str, Any]]:
@@ -157,19 +194,44 @@ class Placement:
 
     # -- the host pool ---------------------------------------------------------------
     def ensure_hosts(self) -> None:
-        for index in range(self.settings.host_pool_size):
-            if index not in self._hosts:
-                self._hosts[index] = SagaHost.options(
-                    name=host_name(index),
-                    namespace=self.settings.namespace,
-                    lifetime="detached",
-                    get_if_exists=True,
-                    scheduling_strategy="SPREAD",
-                ).remote(index, self.actor_settings)
+        """Shared: the whole pool, at once. Pooled: the hosts that exist (found once, after a
+        supervisor restart); more are started as sagas need them."""
+        if not self.pooled:
+            for index in range(self.pool_size):
+                self._ensure_host(index)
+        elif not self._found_hosts:
+            self._found_hosts = True
+            names = {host_name(i): i for i in range(self.pool_size)}
+            for entry in ray.util.list_named_actors(all_namespaces=True):
+                if entry.get("namespace") == self.settings.namespace and entry.get("name") in names:
+                    self._ensure_host(names[entry["name"]])
+
+    def _ensure_host(self, index: int) -> Any:
+        if index not in self._hosts:
+            self._hosts[index] = SagaHost.options(
+                name=host_name(index),
+                namespace=self.settings.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                scheduling_strategy="SPREAD",
+            ).remote(index, self.actor_settings)
+        return self._hosts[index]
+
+    def index_of(self, saga_id: str) -> int | None:
+        """The host that runs (or would run) the saga; pooled: None when it has none yet."""
+        if self.pooled:
+            return self._slots.get(saga_id)
+        return int(saga_id, 16) % self.pool_size
 
     def _index_for(self, saga_id: str) -> int:
-        return int(saga_id, 16) % self.settings.host_pool_size
+        """As :meth:`index_of`, giving a pooled saga a free host (the lowest, so warm hosts are reused)."""
+        index = self.index_of(saga_id)
+        if index is None:
+            taken = set(self._slots.values())
+            index = next((i for i in range(self.pool_size) if i not in taken), int(saga_id, 16) % self.pool_size)
+            self._slots[saga_id] = index
+        return index
 
     def _host_for(self, saga_id: str) -> Any:
         self.ensure_hosts()
-        return self._hosts[self._index_for(saga_id)]
+        return self._ensure_host(self._index_for(saga_id))

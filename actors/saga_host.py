@@ -1,5 +1,7 @@
 """Shared placement: a pool of long-lived host actors, each running many sagas as asyncio tasks.
 
+Pooled placement uses the same actor, one saga at a time (the placement routes so).
+
 A dedicated actor costs a process (~0.25 s CPU to start, ~100 MB); a host pays
 that once and then runs sagas for the cost of a coroutine.  Same runner, same
 store, same supervisor recovery: a host that dies loses only tasks, and the
@@ -31,11 +33,13 @@ class SagaHost:
         self._runners: dict[str, SagaRunner] = {}
         self._pending_aborts: dict[str, str] = {}
         self.completed = 0
+        self.peak = 0  # most sagas at once (pooled placement: 1)
+        self.placement = settings.get("placement", "shared")
         self._end_notice = EndNotice(settings.get("namespace", "essential"))
 
     def __repr__(self) -> str:
         # captured once at creation by Ray; the live count is in stats() and the metrics
-        return f"SagaHost(#{self.index}, shared placement)"
+        return f"SagaHost(#{self.index}, {self.placement} placement)"
 
     async def run_saga(self, saga_id: str, orchestrated: bool = False) -> bool:
         """Start driving ``saga_id`` here unless it already runs here; returns immediately."""
@@ -49,6 +53,7 @@ class SagaHost:
             )  # fmt: skip
         )
         self._tasks[saga_id] = task
+        self.peak = max(self.peak, len(self._tasks))
         task.add_done_callback(lambda done, sid=saga_id: self._done(sid, done))
         return True
 
@@ -70,7 +75,10 @@ class SagaHost:
         return [sid for sid, task in self._tasks.items() if not task.done()]
 
     async def stats(self) -> dict[str, Any]:
-        return {"index": self.index, "pid": os.getpid(), "live": len(self._tasks), "finished": self.completed}
+        return {
+            "index": self.index, "pid": os.getpid(), "live": len(self._tasks), "finished": self.completed,
+            "peak": self.peak, "placement": self.placement,
+        }  # fmt: skip
 
     async def pid(self) -> int:
         return os.getpid()

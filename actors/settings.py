@@ -34,8 +34,12 @@ class Settings(BaseSettings):
     max_live_sagas: int = Field(
         32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
     )
-    placement: Literal["dedicated", "shared"] = Field(
-        "dedicated", description="dedicated: one actor per live saga; shared: sagas run in a pool of host actors"
+    placement: Literal["dedicated", "shared", "pooled"] = Field(
+        "dedicated",
+        description=(
+            "dedicated: one actor per live saga, started for it; shared: sagas run in a pool of host actors; "
+            "pooled: one actor per live saga, taken from a warm pool of max_live_sagas actors and reused"
+        ),
     )
     shared_jobs: list[str] = Field(default_factory=list, description="jobs placed shared even when placement is dedicated")
     host_pool_size: int = Field(4, ge=1, description="host actors of the shared placement")

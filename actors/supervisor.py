@@ -104,13 +104,13 @@ class Supervisor:
             ended = Saga.model_validate(saga)
             if ended.state in TERMINAL_STATES or ended.state == SagaState.PARKED:
                 self._end_watch.resolve(saga_id, ended)
-        was_dedicated = saga_id in self.placement.dedicated
+        held_a_slot = saga_id in self.placement.dedicated or (self.placement.pooled and saga_id in self.placement.shared)
         self.placement.forget({saga_id})
         self._killed.pop(saga_id, None)
-        if not (was_dedicated and self._backlog):
+        if not (held_a_slot and self._backlog):
             return
         rt = await self._rt()
-        free = self.placement.settings.max_live_sagas - len(self.placement.dedicated)
+        free = self.placement.slots_free()
         if free <= 0:
             return
         waiting = await rt.store.list_by_states([SagaState.PENDING], oldest_first=True, limit=free)
@@ -287,6 +287,9 @@ class Supervisor:
         """Drop finished sagas from the live sets once nothing runs them any more."""
         done = {sid for sid in self.placement.live if sid not in unfinished}
         shared_done = done & self.placement.shared
+        if self.placement.pooled and shared_done:  # its host is free once it has let go of the saga
+            hosted, silent = await self.placement.hosted()
+            shared_done = {sid for sid in shared_done if sid not in hosted and self.placement.index_of(sid) not in silent}
         dedicated_done = list(done - shared_done)
         still = await self.placement.dedicated_running(dedicated_done)
         gone = shared_done | {sid for sid in dedicated_done if sid not in still}

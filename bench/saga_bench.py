@@ -1,4 +1,4 @@
-"""Saga throughput, latency and memory: baseline vs naive vs dedicated vs shared, in one run.
+"""Saga throughput, latency and memory: baseline vs naive vs dedicated vs shared vs pooled, in one run.
 
     python -m bench.saga_bench            # or: make bench / essential bench
 
@@ -11,7 +11,9 @@ Modes, each against a fresh embedded MongoDB (``--sync-on-commit``) in the same 
 * naive     – a fresh Ray actor per saga that opens its own client, imports the jobs,
               runs the saga and is killed: what "actor per saga" costs done plainly;
 * dedicated – Essential's default: supervisor + one ``SagaActor`` per live saga;
-* shared    – Essential with ``placement=shared``: sagas as tasks in 4 host actors.
+* shared    – Essential with ``placement=shared``: sagas as tasks in 4 host actors;
+* pooled    – Essential with ``placement=pooled``: an actor per live saga, as dedicated, but
+              taken from a warm pool of ``max_live_sagas`` actors and reused (no process start per saga).
 
 Latency is the saga's own createdAt → terminal updatedAt (server-side, so the
 client's polling does not inflate it); throughput is wall clock for the batch.
@@ -419,6 +421,9 @@ def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     dedicated = next((r for r in results if r.mode == "dedicated"), None)
     if naive and dedicated:
         console.print(f"  dedicated / naive throughput: {dedicated.sagas_per_s / naive.sagas_per_s:.2f}×")
+    pooled = next((r for r in results if r.mode == "pooled" and r.concurrency == (naive.concurrency if naive else 0)), None)
+    if naive and pooled:
+        console.print(f"  pooled (an actor per live saga, reused) / naive throughput: {pooled.sagas_per_s / naive.sagas_per_s:.2f}×")
     record = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-sagas", type=int, default=64, help="sagas per actor-per-saga mode (naive, dedicated)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--hosts", type=int, default=4, help="host actors of the shared placement")
-    parser.add_argument("--modes", default="baseline,unfolded,naive,dedicated,shared")
+    parser.add_argument("--modes", default="baseline,unfolded,naive,dedicated,shared,pooled")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument(
@@ -494,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(await run_essential("shared", mongo.uri, args.sagas, c, warmup=20, seed=args.seed, **shared))
                     results.append(await run_essential("shared", mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed, **shared))
                     memory.append(await memory_probe("shared", mongo.uri, live=500, **shared))
+            if "pooled" in modes:  # warm-up of one saga per actor of the pool: the pool is started once
+                with fresh("pooled") as mongo:
+                    results.append(await run_essential("pooled", mongo.uri, args.sagas, c, warmup=max(c, 20), seed=args.seed, placement="pooled"))
+                    results.append(await run_essential("pooled", mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed, placement="pooled"))
             if "naive" in modes:
                 with fresh("naive") as mongo:
                     results.append(await run_naive(mongo.uri, args.slow_sagas, c, seed=args.seed))
