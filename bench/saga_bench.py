@@ -442,7 +442,7 @@ def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.saga_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=400, help="sagas per fast mode (baseline, shared)")
-    parser.add_argument("--slow-sagas", type=int, default=64, help="sagas per actor-per-saga mode (naive, dedicated)")
+    parser.add_argument("--slow-sagas", type=int, default=48, help="sagas per actor-per-saga mode (naive, dedicated)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument(
         "--hosts", type=int, default=8,
