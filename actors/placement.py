@@ -39,6 +39,8 @@ class Placement:
         self._slots: dict[str, int] = {}  # pooled: saga id -> the host it has to itself
         self._found_hosts = False
         self._launching: dict[str, Any] = {}  # host launches not yet answered (ObjectRefs of run_saga)
+        self._launch_seq = 0  # counts launches: what a sweep read before a launch cannot judge it
+        self._launched: dict[str, int] = {}
 
     # -- policy ----------------------------------------------------------------------
     def is_shared(self, job: str) -> bool:
@@ -67,6 +69,8 @@ class Placement:
     # -- actions ---------------------------------------------------------------------
     def launch(self, saga_id: str, job: str, *, orchestrated: bool = False) -> None:
         """``orchestrated``: the caller knows it is a job saga (not a recorded one), saving the host a read."""
+        self._launch_seq += 1
+        self._launched[saga_id] = self._launch_seq
         if self.is_shared(job):
             self._launching[saga_id] = self._host_for(saga_id).run_saga.remote(saga_id, orchestrated)
             self.shared.add(saga_id)
@@ -117,10 +121,21 @@ class Placement:
         for saga_id in saga_ids:
             self._slots.pop(saga_id, None)
             self._launching.pop(saga_id, None)
+            self._launched.pop(saga_id, None)
+
+    @property
+    def launch_seq(self) -> int:
+        return self._launch_seq
+
+    def launched_since(self, seq: int) -> set[str]:
+        """Sagas launched after ``launch_seq`` was ``seq``: a view read before then knows nothing of them."""
+        return {saga_id for saga_id, n in self._launched.items() if n > seq}
 
     # -- liveness --------------------------------------------------------------------
     async def running(self, sagas: dict[str, str]) -> set[str]:
-        """Of ``{saga id: job}``, the ids that something is driving right now."""
+        """Of ``{saga id: job}``, the ids that something is driving right now (or was launched
+        while this looked, which the hosts' answers may predate)."""
+        since = self._launch_seq
         shared = {sid for sid, job in sagas.items() if self.is_shared(job)}
         dedicated = [sid for sid in sagas if sid not in shared]
         alive: set[str] = set()
@@ -129,7 +144,8 @@ class Placement:
             # a host that does not answer (busy, restarting) may still run its sagas: count
             # them alive this round rather than start a second copy and burn restore attempts
             alive |= {sid for sid in shared if sid in hosted or self.index_of(sid) in silent or self._in_flight(sid)}
-        return alive | await self.dedicated_running(dedicated)
+        alive |= await self.dedicated_running(dedicated)
+        return alive | (self.launched_since(since) & set(sagas))
 
     def _in_flight(self, saga_id: str) -> bool:
         """Launched, but its host has not taken it yet (the saga is not in its answer): alive, so

@@ -34,6 +34,7 @@ class SagaHost:
         self._pending_aborts: dict[str, str] = {}
         self.completed = 0
         self.peak = 0  # most sagas at once (pooled placement: 1)
+        self.refused = 0  # pooled: launches refused because a saga was running here
         self.placement = settings.get("placement", "shared")
         self._end_notice = EndNotice(settings.get("namespace", "essential"))
 
@@ -45,6 +46,11 @@ class SagaHost:
         """Start driving ``saga_id`` here unless it already runs here; returns immediately."""
         task = self._tasks.get(saga_id)
         if task is not None and not task.done():
+            return False
+        if self.placement == "pooled" and any(not t.done() for t in self._tasks.values()):
+            # one saga at a time, whatever the supervisor's view (it may lag a finished or a
+            # restored saga): the saga stays unplaced and the next sweep gives it a free host
+            self.refused += 1
             return False
         task = asyncio.get_running_loop().create_task(
             drive(
@@ -77,7 +83,7 @@ class SagaHost:
     async def stats(self) -> dict[str, Any]:
         return {
             "index": self.index, "pid": os.getpid(), "live": len(self._tasks), "finished": self.completed,
-            "peak": self.peak, "placement": self.placement,
+            "peak": self.peak, "refused": self.refused, "placement": self.placement,
         }  # fmt: skip
 
     async def pid(self) -> int:

@@ -219,9 +219,10 @@ class Supervisor:
         store, conf, place = rt.store, rt.settings, self.placement
         self._sweeps += 1
         counts = {"restored": 0, "expired": 0, "admitted": 0, "parked": 0, "killed": 0, "pruned": 0}
+        seen_at = place.launch_seq  # sagas launched after this are not in what is read next
         active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES)}
         pending = await store.list_by_states([SagaState.PENDING], oldest_first=True)
-        await self._forget_finished(set(active) | {s.id for s in pending})
+        await self._forget_finished(set(active) | {s.id for s in pending} | place.launched_since(seen_at))
         now = datetime.now(timezone.utc)
         alive = await place.running({sid: s.job for sid, s in active.items()})
         # orphans' open transactions would block every write below (abort, restore count, lease)
@@ -287,10 +288,12 @@ class Supervisor:
         """Drop finished sagas from the live sets once nothing runs them any more."""
         done = {sid for sid in self.placement.live if sid not in unfinished}
         shared_done = done & self.placement.shared
-        if self.placement.pooled and shared_done:  # its host is free once it has let go of the saga
-            hosted, silent = await self.placement.hosted()
-            shared_done = {sid for sid in shared_done if sid not in hosted and self.placement.index_of(sid) not in silent}
         dedicated_done = list(done - shared_done)
+        if self.placement.pooled and shared_done:  # its host is free once it has let go of the saga
+            since = self.placement.launch_seq
+            hosted, silent = await self.placement.hosted()
+            busy = hosted | self.placement.launched_since(since)
+            shared_done = {sid for sid in shared_done if sid not in busy and self.placement.index_of(sid) not in silent}
         still = await self.placement.dedicated_running(dedicated_done)
         gone = shared_done | {sid for sid in dedicated_done if sid not in still}
         self.placement.forget(gone)
