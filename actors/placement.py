@@ -48,11 +48,9 @@ class Placement:
         return self.settings.placement != "dedicated" or job in self.settings.shared_jobs
 
     def has_room(self, job: str) -> bool:
-        if self.pooled:
-            return len(self.shared) < self.settings.max_live_sagas
-        if self.is_shared(job):
+        if self.is_shared(job) and not self.pooled:
             return len(self.shared) < self.settings.max_shared_sagas
-        return len(self.dedicated) < self.settings.max_live_sagas
+        return self.slots_free() > 0
 
     def slots_free(self) -> int:
         """Free places among the ``max_live_sagas`` actors (dedicated, or the pooled hosts)."""
