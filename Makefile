@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv bytecode demo test bench up down clean
+.PHONY: venv bytecode demo test bench up down clean purge
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,16 @@ up: bytecode
 down: $(STAMP)
 	$(BIN)/essential down
 
+# Build artefacts and the virtual environment only: the local saga data in .essential stays.
 clean:
-	rm -rf $(VENV) .essential .pytest_cache
+	rm -rf $(VENV) .pytest_cache build *.egg-info test-artifacts
+
+# Everything `clean` removes, and .essential: all local saga data. Asks first (or: make purge YES=1).
+purge:
+	@if [ -f .essential/stack.json ]; then echo "the local stack is running: run 'make down' first"; exit 1; fi
+	@if [ "$(YES)" != "1" ]; then \
+	  printf "delete .essential (every local saga, stage and event, the example data)? [y/N] "; read answer; \
+	  case "$$answer" in [yY]*) ;; *) echo "kept .essential"; exit 1;; esac; \
+	fi
+	rm -rf .essential
+	$(MAKE) clean

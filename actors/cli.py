@@ -10,12 +10,15 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from rich import box
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,10 +26,15 @@ from rich.text import Text
 
 from orchestration import EssentialError, InvalidRequest, Saga
 
+from .formatting import human_ms
+from .quiet import quiet_logger, quiet_ray
 from .settings import Settings, get_settings
+from .stack_record import CorruptStackRecord, apply_stack_env, home_of, ray_token_source, read_record
 
-console = Console()
-err_console = Console(stderr=True)
+# soft wrap: a line longer than the terminal (an address, an export line) stays one line to copy
+# a pipe gets wide tables (no column cut to 80 characters); a terminal, its own width
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, soft_wrap=True)
 
 STATE_STYLE = {
     "pending": "cyan", "running": "blue", "waiting": "magenta", "compensating": "yellow", "committing": "blue",
@@ -35,49 +43,51 @@ STATE_STYLE = {
 ENDED = ("completed", "aborted", "parked")
 
 
-def _load_stack_env(settings: Settings) -> Settings:
-    """Point at the stack `essential up` recorded, unless the environment names the servers itself."""
-    from .stack import LocalStack
+class NoDeployment(EssentialError):
+    """No deployment is named and no local stack is recorded: the command has nothing to talk to."""
 
-    stack = LocalStack(settings)
-    if stack.state() is None:
-        return settings
-    try:
-        env = stack.env()
-    except RuntimeError:
-        return settings
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
-    get_settings.cache_clear()
+
+def _deployment(server: str) -> Settings:
+    """Settings naming the deployment a command talks to: the environment's, else the recorded local stack's.
+
+    ``server`` is the variable that names it (``ESSENTIAL_RAY_ADDRESS`` for
+    commands that go through the supervisor, ``ESSENTIAL_MONGODB_URI`` for the
+    read-only views). Never a silent default: with neither the variable nor a
+    recorded stack, whatever listens on a default port could be another
+    deployment, so the command says so instead. The record is applied before
+    Ray is imported (Ray reads its token-authentication mode at import).
+    """
+    if not os.environ.get(server):
+        if not apply_stack_env():
+            raise NoDeployment(
+                f"no local stack is recorded in {home_of() / 'stack.json'} and {server} is not set: "
+                f"run `essential up` in this directory first, or set {server} to your deployment"
+            )
+        get_settings.cache_clear()
     return get_settings()
+
+
+VERBOSE = False  # --verbose: Ray's own lines stay in the terminal
 
 
 def _client() -> Any:
     """A client of ESSENTIAL_RAY_ADDRESS, or else of the stack `essential up` recorded."""
+    settings = _deployment("ESSENTIAL_RAY_ADDRESS")
+    if not VERBOSE:
+        quiet_ray()
     from .client import EssentialClient
-    from .stack import LocalStack
 
-    settings = get_settings()
-    if not settings.ray_address:
-        stack = LocalStack(settings)
-        if stack.state() is None:
-            raise EssentialError("no Ray cluster: run `essential up` first, or set ESSENTIAL_RAY_ADDRESS")
-        os.environ.update(stack.env())
-        get_settings.cache_clear()
-        settings = get_settings()
     return EssentialClient(settings, address=settings.ray_address)
 
 
 def _read(view: Callable[[Any], Awaitable[Any]]) -> Any:
     """Run a read-only view against MongoDB directly (works while Ray is down or busy)."""
+    settings = _deployment("ESSENTIAL_MONGODB_URI")
     from pymongo import AsyncMongoClient
     from pymongo.errors import ServerSelectionTimeoutError
 
     from persistence.connection import new_client
     from persistence.views import SagaViews
-
-    settings = get_settings()
-    if "ESSENTIAL_MONGODB_URI" not in os.environ:
-        settings = _load_stack_env(settings)
 
     async def run() -> Any:
         client: AsyncMongoClient = new_client(settings.mongodb_uri, serverSelectionTimeoutMS=5000)
@@ -127,26 +137,23 @@ def _state(state: str) -> Text:
     return Text(state, style=STATE_STYLE.get(state, ""))
 
 
-def _ms(value: float | None) -> str:
-    """Milliseconds, readable: ``65.2 ms``, ``7.32 s``, ``3.5 min``."""
-    if value is None:
-        return ""
-    if value < 1000:
-        return f"{value:.1f} ms"
-    if value < 60_000:
-        return f"{value / 1000:.2f} s"
-    return f"{value / 60_000:,.1f} min"
-
-
 def _saga_table(sagas: list[Saga]) -> Table:
-    table = Table("id", "job", "state", "created", "updated", "where / why", title=f"{len(sagas)} saga(s)")
+    """Ids whole (they are copied into the next command); the other columns give way on a narrow terminal."""
+    table = Table(title=f"{len(sagas)} saga(s)", title_justify="left", box=None, padding=(0, 2, 0, 0))
+    table.add_column("id", no_wrap=True, min_width=24)
+    table.add_column("job", no_wrap=True, overflow="ellipsis")
+    table.add_column("state", no_wrap=True, min_width=9)
+    table.add_column("created", no_wrap=True)
+    table.add_column("updated", no_wrap=True, overflow="ellipsis", max_width=8)
+    table.add_column("where / why", overflow="fold", ratio=1)
     for s in sagas:
-        why = s.error or s.parked_reason or getattr(s, "waiting_for", None) or ""
+        why = (s.parked_reason if s.state.value == "parked" else None) or s.error or s.parked_reason
+        why = why or getattr(s, "waiting_for", None) or ""
         if not why and s.state.value in ("running", "compensating", "committing"):
             why = s.lease.owner or ""
         table.add_row(
             s.id, s.job, _state(s.state.value), _local(s.createdAt, "%m-%d %H:%M:%S"), _local(s.updatedAt),
-            why[:70],
+            why[:200],
         )  # fmt: skip
     return table
 
@@ -162,40 +169,97 @@ def _print(data: Any, as_json: bool, render: Callable[[], Any]) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from .stack import LocalStack
 
-    stack = LocalStack(get_settings())
+    settings = get_settings()
+    stack = LocalStack(settings)
+    was_running = stack.state() is not None
+    if not was_running:
+        _check_http_port(settings)
     with console.status("starting embedded MongoDB, Kafka and a local Ray head…"):
         info = stack.up()
-        _client()  # creates the supervisor so it starts sweeping at once
-        _start_gateway()
-        http = _start_http()  # issue 5: the recorded-saga HTTP API (Ray Serve)
+    try:
+        os.environ.update(stack.env())  # the stack's servers, and Ray's driver switches before Ray is imported
+        get_settings.cache_clear()
+        with console.status("starting the supervisor, the Kafka gateway and the HTTP API…"):
+            _client()  # creates the supervisor so it starts sweeping at once
+            _start_gateway()
+            http = _start_http()
+            if http:
+                stack.note("http", {"address": http})
+            seeded = _seed_examples(args.seed)
+    except BaseException:
+        if not was_running:  # leave nothing behind that this command started
+            err_console.print("[red]the stack did not come up; stopping what this command started[/]")
+            _leave_ray()  # a driver whose cluster vanishes under it is ended by Ray itself
+            stack.down()
+        raise
+    home = stack.home
     console.print("[bold green]Essential is up[/]")
     console.print(f"  MongoDB:       {info['mongodb']['address']}")
     console.print(f"  Kafka:         {info['kafka']['address']}")
     console.print(f"  Ray:           {info['ray']['address']}")
-    console.print(f"  Ray dashboard: {info['ray']['dashboard_url']}")
+    console.print(f"  Ray dashboard: {info['ray']['dashboard_url']}  (it asks for Ray's token: {ray_token_source()})")
     if http:
-        console.print(f"  HTTP API:      {http}")
-    console.print("Use it from a shell with:")
-    for key, value in stack.env().items():
-        console.print(f"  export {key}={value}")
+        where = "ESSENTIAL_HTTP_TOKEN" if get_settings().http_token else _shown(home / "http_token")
+        console.print(f"  HTTP API:      {http}  (bearer token in {where}; `essential token` prints it)")
+    else:
+        console.print("  HTTP API:      not started (Ray Serve is not installed)")
+    if seeded is not None:
+        console.print(f"  example data:  {seeded}")
+    console.print(f"  logs:          {_shown(stack.log_dir)}")
+    console.print(f"Commands run in this directory ({Path.cwd()}) find the stack by themselves. Elsewhere, export:")
+    for key, value in {"ESSENTIAL_HOME": str(home), **stack.env()}.items():
+        console.print(f"  export {key}={shlex.quote(value)}", highlight=False)
     console.print("Stop it with: [bold]essential down[/]")
     return 0
 
 
+def _check_http_port(settings: Settings) -> None:
+    """Before anything starts: the HTTP API's port must be free (the other servers' launchers check theirs)."""
+    from persistence.embedded import port_in_use
+
+    from .stack import StackError
+
+    if port_in_use(settings.http_port, settings.http_host):
+        raise StackError(
+            f"the HTTP API's port {settings.http_host}:{settings.http_port} is already in use; "
+            f"set ESSENTIAL_HTTP_PORT to a free port"
+        )
+
+
+def _leave_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def _shown(path: Path) -> str:
+    """A path as a user would type it here: relative to the current directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _start_http() -> str | None:
-    """Issue 5: Ray Serve bound to ESSENTIAL_HTTP_HOST with the recorded-saga API; what to print about it."""
+    """The HTTP API (Ray Serve bound to ESSENTIAL_HTTP_HOST); its base address, or None without Ray Serve."""
     try:
         from .http_api import ensure_token, start_http
     except ImportError:  # Ray Serve not installed
         return None
+    from .stack import StackError
+
+    quiet_logger("ray.serve")  # Ray Serve installs its own terminal handler when imported
     settings = get_settings()
+    where = f"{settings.http_host}:{settings.http_port}"
     try:
-        token = ensure_token(settings)
-        address = start_http(settings, token=token)
-    except Exception as exc:  # noqa: BLE001 - the rest of the stack is usable without it
-        return f"[red]not started[/] ({type(exc).__name__}: {exc})"
-    where = "ESSENTIAL_HTTP_TOKEN" if settings.http_token else f"{settings.home}/http_token"
-    return f"{address}  (Authorization: Bearer {token} - from {where})"
+        return start_http(settings, token=ensure_token(settings))
+    except Exception as exc:  # noqa: BLE001 - said once, with what to change
+        reason = (str(exc).strip().splitlines() or [""])[-1]
+        raise StackError(
+            f"the HTTP API did not start on {where} ({type(exc).__name__}: {reason}); "
+            f"set ESSENTIAL_HTTP_PORT to a free port"
+        ) from exc
 
 
 def _start_gateway() -> None:
@@ -206,18 +270,75 @@ def _start_gateway() -> None:
     ensure_gateway(get_settings())
 
 
+def _seed_examples(wanted: bool) -> str | None:
+    """Create the example services' data once (what the README's first examples use); what to print about it."""
+    if not wanted or "examples.jobs" not in get_settings().job_modules:
+        return None
+    from examples.data import seed_demo_once
+    from persistence.connection import close_shared_clients
+
+    async def seed() -> bool:
+        try:
+            return await seed_demo_once()
+        finally:
+            await close_shared_clients()
+
+    if asyncio.run(seed()):
+        return "seeded (wallets cust-000…cust-049, carol; sku-000…sku-019; routes north/south/east/west)"
+    return "already there (kept as the sagas left it)"
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from .stack import LocalStack
 
-    stopped = LocalStack(get_settings()).down()
-    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    stack = LocalStack(get_settings())
+    stopped = stack.down()
+    if not stopped:
+        console.print(f"nothing was running (no stack recorded in {_shown(stack.state_path)})", soft_wrap=True)
+    for line in stopped:
+        console.print(line, soft_wrap=True)
+    return 0
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    """Print an address of the recorded stack, for scripts (``API=$(essential url)``)."""
+    record = read_record()
+    if record is None:
+        raise NoDeployment(f"no local stack is recorded in {home_of() / 'stack.json'}: run `essential up` first")
+    if args.what == "dashboard":
+        address = record.get("ray", {}).get("dashboard_url")
+    elif args.what == "metrics":
+        address = record.get("ray", {}).get("metrics_url")
+    else:
+        address = record.get("http", {}).get("address")
+    if not address:
+        raise NoDeployment(f"the recorded stack has no {args.what} address (was it started by `essential up`?)")
+    print(address)
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print the HTTP API's bearer token (for scripts; `essential up` only says where it is)."""
+    settings = get_settings()
+    if settings.http_token:
+        print(settings.http_token)
+        return 0
+    path = Path(settings.home) / "http_token"
+    if not path.exists():
+        raise NoDeployment(f"no HTTP token in {_shown(path)}: run `essential up` first, or set ESSENTIAL_HTTP_TOKEN")
+    print(path.read_text().strip())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(per_job=args.per_job, keep=args.keep)
+    return run_demo(per_job=args.per_job, keep=args.keep, verbose=VERBOSE)
+
+
+#: exit codes of `start --wait`: every saga completed / some ended otherwise / bad input / still running at the timeout
+EXIT_COMPLETED, EXIT_NOT_COMPLETED, EXIT_BAD_INPUT, EXIT_TIMED_OUT = 0, 1, 2, 3
+BATCH_TOKEN = "{n}"
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -227,18 +348,46 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--payload is not valid JSON ({exc.msg} at char {exc.pos})") from None
     if args.count < 1:
         raise InvalidRequest("--count must be at least 1")
+    if args.timeout <= 0:
+        raise InvalidRequest("--timeout must be positive")
     client = _client()
     if args.count > 1:
         return _start_batch(client, args, payload)
     saga_id = client.start(
         args.job, payload, ttl=args.ttl, idempotency_key=args.key, correlation_id=args.correlation_id
     )
-    if args.wait:
+    if not args.wait:
+        if args.quiet:
+            print(saga_id)
+        else:
+            _print({"id": saga_id}, args.json, lambda: f"started saga [bold]{saga_id}[/]")
+        return EXIT_COMPLETED
+    try:
         saga = client.wait(saga_id, timeout=args.timeout)
+    except TimeoutError:
+        state = client.states([saga_id]).get(saga_id, "?")
+        err_console.print(f"timed out after {args.timeout:g} s: saga {saga_id} is still {state}")
+        return EXIT_TIMED_OUT
+    if args.quiet:
+        print(saga_id)
+    else:
         _print(saga.model_dump(mode="json"), args.json, lambda: _saga_table([saga]))
-        return 0 if saga.state.value == "completed" else 1
-    _print({"id": saga_id}, args.json, lambda: f"started saga [bold]{saga_id}[/]")
-    return 0
+    return EXIT_COMPLETED if saga.state.value == "completed" else EXIT_NOT_COMPLETED
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait for a saga started earlier; the exit code says how it ended (as ``start --wait``)."""
+    if args.timeout <= 0:
+        raise InvalidRequest("--timeout must be positive")
+    client = _client()
+    try:
+        saga = client.wait(args.id, timeout=args.timeout)
+    except TimeoutError:
+        state = client.states([args.id]).get(args.id, "?")
+        err_console.print(f"timed out after {args.timeout:g} s: saga {args.id} is still {state}")
+        return EXIT_TIMED_OUT
+    _print(saga.model_dump(mode="json"), args.json, lambda: _saga_table([saga]))
+    return EXIT_COMPLETED if saga.state.value == "completed" else EXIT_NOT_COMPLETED
 
 
 BATCH_CHUNK = 50
@@ -251,22 +400,41 @@ def _progress() -> Progress:
     return Progress(*columns, console=err_console, transient=False)
 
 
-def _start_batch(client: Any, args: argparse.Namespace, payload: dict[str, Any]) -> int:
+_BATCH_FIELD = re.compile(r"\{n(?::([^{}]*))?\}")
+
+
+def fill_template(value: Any, n: int) -> Any:
+    """The batch's ``n``-th payload: ``{n}`` (or ``{n:03d}``, any format spec) in every string value becomes ``n``."""
+    if isinstance(value, str):
+        return _BATCH_FIELD.sub(lambda m: format(n, m.group(1) or ""), value)
+    if isinstance(value, dict):
+        return {key: fill_template(item, n) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_template(item, n) for item in value]
+    return value
+
+
+def _start_batch(client: Any, args: argparse.Namespace, payload: Any) -> int:
     """``start --count N``: start in chunks, then (with --wait) follow them to the end, with progress bars."""
+    if fill_template(payload, 1) == fill_template(payload, 2):
+        err_console.print(
+            f"note: all {args.count} sagas get the same payload; put {BATCH_TOKEN} in its business ids "
+            f'(e.g. "order_id": "o-{BATCH_TOKEN}", or {{n:03d}} for 001, 002 …) to make each one distinct'
+        )
     requests = [
-        {"job": args.job, "payload": payload, "ttl": args.ttl, "correlation_id": args.correlation_id,
-         "idempotency_key": f"{args.key}:{i}" if args.key else None}
-        for i in range(args.count)
+        {"job": args.job, "payload": fill_template(payload, n), "ttl": args.ttl, "correlation_id": args.correlation_id,
+         "idempotency_key": f"{args.key}:{n}" if args.key else None}
+        for n in range(1, args.count + 1)
     ]  # fmt: skip
     ids: list[str] = []
+    states: dict[str, str] = {}
+    done = 0
     with _progress() as progress:
         started = progress.add_task("started", total=len(requests), note="")
         for i in range(0, len(requests), BATCH_CHUNK):
             ids += client.start_many(requests[i : i + BATCH_CHUNK])
             progress.update(started, completed=len(ids))
-        if not args.wait:
-            states: dict[str, str] = {}
-        else:
+        if args.wait:
             finished = progress.add_task("finished", total=len(ids), note="")
             deadline = time.monotonic() + args.timeout
             while True:
@@ -279,10 +447,14 @@ def _start_batch(client: Any, args: argparse.Namespace, payload: dict[str, Any])
                     break
                 time.sleep(0.3)
     if not args.wait:
-        _print({"ids": ids}, args.json, lambda: f"started {len(ids)} saga(s) of [bold]{args.job}[/]")
-        return 0
+        if args.quiet:
+            print("\n".join(ids))
+        else:
+            _print({"ids": ids}, args.json, lambda: f"started {len(ids)} saga(s) of [bold]{args.job}[/]")
+        return EXIT_COMPLETED
     counts = Counter(states.get(i, "?") for i in ids)
-    data = {"ids": ids, "states": states, "counts": dict(counts)}
+    timed_out = done < len(ids)
+    data = {"ids": ids, "states": states, "counts": dict(counts), "timed_out": timed_out}
 
     def render() -> Table:
         table = Table("state", "sagas", title=f"{len(ids)} saga(s) of {args.job}")
@@ -290,8 +462,17 @@ def _start_batch(client: Any, args: argparse.Namespace, payload: dict[str, Any])
             table.add_row(_state(state), str(n))
         return table
 
-    _print(data, args.json, render)
-    return 0 if counts.get("completed", 0) == len(ids) else 1
+    if args.quiet:
+        print("\n".join(ids))
+    else:
+        _print(data, args.json, render)
+    if timed_out:
+        err_console.print(
+            f"timed out after {args.timeout:g} s: {done} finished, {len(ids) - done} still running "
+            f"(follow them with `essential list` or `essential stats`)"
+        )
+        return EXIT_TIMED_OUT
+    return EXIT_COMPLETED if counts.get("completed", 0) == len(ids) else EXIT_NOT_COMPLETED
 
 
 # -- read-only views ----------------------------------------------------------------------------
@@ -311,7 +492,7 @@ def render_inspect(data: dict[str, Any]) -> Group:
                          _state(state))  # fmt: skip
     lines: list[Any] = [head]
     ended = saga.get("committed_at") or saga.get("aborted_at")
-    took = f" · took {_ms(data.get('duration_ms'))}" if data.get("duration_ms") is not None else ""
+    took = f" · took {human_ms(data.get('duration_ms'))}" if data.get("duration_ms") is not None else ""
     lines.append(Text(f"  created {_local(saga['createdAt'], '%Y-%m-%d %H:%M:%S')}"
                       + (f" · ended {_local(ended)}" if ended else f" · updated {_local(saga['updatedAt'])}")
                       + f"{took} · ttl {saga['ttl']:g}s"))  # fmt: skip
@@ -340,16 +521,31 @@ def render_inspect(data: dict[str, Any]) -> Group:
         error = row["errors"][-1] if row["errors"] else ""
         table.add_row(
             str(row["seq"]), row["step"], row["bucket"], row["action"], Text(row["status"], style=status_style),
-            "+" + _ms(row["offset_ms"]) if row["offset_ms"] is not None else "", _ms(row["duration_ms"]),
+            "+" + human_ms(row["offset_ms"]) if row["offset_ms"] is not None else "", human_ms(row["duration_ms"]),
             str(row["retries"] or ""), link, error[:60],
         )  # fmt: skip
     lines.append(table)
     undo = [r for r in data["timeline"] if r["compensates"]]
     if undo:
-        order = " → ".join(f"{r['compensates_step'] or r['step']} (#{r['compensates']}, {_ms(r['duration_ms'])})"
-                           for r in undo)  # fmt: skip
-        lines.append(Text(f"  compensated in reverse: {order}", style="yellow"))
+        lines.append(_compensation_line(undo))
     return Group(*lines)
+
+
+def _compensation_line(undo: list[dict[str, Any]]) -> Text:
+    """What the compensation did, in the words that are true: undone, failed, or still under way."""
+
+    def part(row: dict[str, Any]) -> str:
+        status = "" if row["status"] == "succeeded" else f"{row['status']}, "
+        return f"{row['compensates_step'] or row['step']} (#{row['compensates']}, {status}{human_ms(row['duration_ms'])})"
+
+    order = " → ".join(part(r) for r in undo)
+    failed = [r for r in undo if r["status"] == "failed"]
+    if failed:
+        first = failed[0]["compensates_step"] or failed[0]["step"]
+        return Text(f"  compensation failed at {first} (the saga needs an operator): {order}", style="red")
+    if any(r["status"] != "succeeded" for r in undo):
+        return Text(f"  compensating in reverse, under way: {order}", style="yellow")
+    return Text(f"  compensated in reverse: {order}", style="yellow")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -412,7 +608,7 @@ def render_stats(data: dict[str, Any]) -> Group:
                        title_justify="left", title_style="bold magenta")  # fmt: skip
         for p in data["parked"]:
             parked.add_row(p["id"], p["job"], _local(p["since"], "%m-%d %H:%M:%S"), p.get("parked_from") or "",
-                           (p.get("reason") or "")[:120])  # fmt: skip
+                           (p.get("reason") or "")[:400])  # fmt: skip
         lines.append(parked)
     else:
         lines.append(Text("parked: none", style="green"))
@@ -503,10 +699,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="essential", description="Durable saga orchestrator on Ray and MongoDB")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray's own log lines and raylet warnings (else in <home>/logs/cli.log)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("up", help="start embedded MongoDB, Kafka and a local Ray head").set_defaults(fn=cmd_up)
+    up = sub.add_parser("up", help="start embedded MongoDB, Kafka, a local Ray head, the supervisor, gateway and HTTP API")
+    up.add_argument("--no-seed", dest="seed", action="store_false", help="do not create the example services' data")
+    up.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `essential up` started").set_defaults(fn=cmd_down)
+    url = sub.add_parser("url", help="print an address of the local stack: its HTTP API (default), dashboard or metrics")
+    url.add_argument("what", nargs="?", choices=("api", "dashboard", "metrics"), default="api")
+    url.set_defaults(fn=cmd_url)
+    sub.add_parser("token", help="print the HTTP API's bearer token").set_defaults(fn=cmd_token)
 
     bench = sub.add_parser(
         "bench", help="benchmark baseline, naive, dedicated, shared and pooled placement (flags: essential bench -- --help)"
@@ -525,11 +730,24 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--ttl", type=float, default=None, help="seconds (job default when omitted)")
     start.add_argument("--key", default=None, help="idempotency key: a repeated start returns the same saga")
     start.add_argument("--correlation-id", default=None)
-    start.add_argument("--wait", action="store_true", help="wait for the saga to finish")
-    start.add_argument("--timeout", type=float, default=120.0)
-    start.add_argument("--count", type=int, default=1, help="start N sagas (a batch, with progress bars)")
+    start.add_argument(
+        "--wait", action="store_true",
+        help="wait for the saga(s) to finish; exit 0 all completed, 1 some aborted or parked, 3 timed out",
+    )  # fmt: skip
+    start.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    start.add_argument(
+        "--count", type=int, default=1,
+        help="start N sagas (a batch, with progress bars); {n} in the payload's strings becomes 1..N",
+    )  # fmt: skip
+    start.add_argument("-q", "--quiet", action="store_true", help="print only the saga id(s), one per line")
     start.add_argument("--json", action="store_true")
     start.set_defaults(fn=cmd_start)
+
+    wait = sub.add_parser("wait", help="wait for a saga to end; exit 0 completed, 1 aborted or parked, 3 timed out")
+    wait.add_argument("id")
+    wait.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
+    wait.add_argument("--json", action="store_true")
+    wait.set_defaults(fn=cmd_wait)
 
     for name, text in (("inspect", "a saga: where it runs, its stage timeline, retries, errors, compensations"),
                        ("status", "alias of inspect")):  # fmt: skip
@@ -581,19 +799,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(exc: BaseException) -> None:
+    """One line on stderr; the message is text, never read as markup (it may quote brackets)."""
+    err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    global VERBOSE
+    VERBOSE = args.verbose
     try:
         return int(args.fn(args) or 0)
-    except EssentialError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+    except (EssentialError, CorruptStackRecord) as exc:
+        # an error raised inside an actor comes back wrapped with its remote traceback: say only the error
+        _error(getattr(exc, "cause", None) or exc)
         return 2
     except RuntimeError as exc:
         from .stack import StackError
 
         if not isinstance(exc, StackError):
             raise
-        err_console.print(f"[bold red]error:[/] {exc}")
+        _error(exc)
         return 2
     except KeyboardInterrupt:
         return 130

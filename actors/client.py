@@ -16,6 +16,7 @@ from orchestration.errors import rebuild_error
 
 from .loopback import LOOPBACK, bind_ray_to_loopback
 from .settings import Settings, get_settings
+from .stack_record import apply_stack_env
 from .supervisor import SUPERVISOR_NAME, Supervisor
 from .tracing import current_traceparent
 
@@ -55,6 +56,7 @@ def connect_ray(settings: Settings, address: str | None = None) -> None:
             kwargs["_node_ip_address"] = LOOPBACK
     if target is not None:
         _agree_on_token_auth()
+    _reload_ray_auth_config()
     try:
         for attempt in range(1, CLIENT_SESSION_ATTEMPTS + 1):
             try:
@@ -87,13 +89,29 @@ def _agree_on_token_auth() -> None:
     if os.environ.get("RAY_AUTH_MODE"):
         return  # an explicit choice, "token" or "disabled", always wins
     try:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import AuthenticationTokenLoader
     except ImportError:  # a Ray without token authentication
         return
     if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         return
     os.environ["RAY_AUTH_MODE"] = "token"  # also for the processes this driver starts
-    Config.initialize("")  # what Ray does itself: re-read the mode from the environment
+
+
+def _reload_ray_auth_config() -> None:
+    """Make Ray obey the ``RAY_AUTH_MODE`` in the environment *now*.
+
+    Ray reads the mode once, when it is imported; a driver that learns the mode
+    afterwards (from the local stack's record, or from :func:`_agree_on_token_auth`)
+    would otherwise connect with the mode it had at import and be refused.
+    """
+    if not os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")  # what Ray does itself: re-read the configuration from the environment
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def get_supervisor(settings: Settings) -> Any:
@@ -128,6 +146,19 @@ def stop_deployment(namespace: str, max_hosts: int = 64) -> list[str]:
     return stopped
 
 
+def _default_settings(address: str | None) -> Settings:
+    """The environment's settings; with no cluster named anywhere, those of the stack `essential up` recorded.
+
+    So a script run from a fresh shell next to ``essential up`` finds the stack
+    without exporting anything (a cluster named by ``address``,
+    ``ESSENTIAL_RAY_ADDRESS`` or Ray's own ``RAY_ADDRESS`` always wins).
+    """
+    named = address or os.environ.get("ESSENTIAL_RAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not named and apply_stack_env():
+        get_settings.cache_clear()
+    return get_settings()
+
+
 def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:
     if "error" in reply:
         raise rebuild_error(reply["error"]["type"], reply["error"]["message"])
@@ -144,7 +175,7 @@ class EssentialClient:
     """
 
     def __init__(self, settings: Settings | None = None, *, address: str | None = None) -> None:
-        self.settings = settings or get_settings()
+        self.settings = settings or _default_settings(address)
         self.address = address
         self.reconnect()
 

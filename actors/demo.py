@@ -28,6 +28,9 @@ from rich.table import Table
 from orchestration import IllegalTransition, Saga, SagaState
 from orchestration.states import Action
 
+from .formatting import human_ms
+from .quiet import quiet_ray
+from .stack_record import ray_token_source
 from .settings import Settings, get_settings
 
 console = Console(width=None if os.isatty(1) else 140)
@@ -136,7 +139,7 @@ def expected_change(plan: Planned, saga: Saga, charged: bool) -> dict[str, int]:
     return {}  # transfers move money between wallets; shipments touch neither
 
 
-def run_demo(per_job: int = 6, keep: bool = False, settings: Settings | None = None) -> int:
+def run_demo(per_job: int = 6, keep: bool = False, settings: Settings | None = None, verbose: bool = False) -> int:
     from .stack import LocalStack
 
     settings = settings or get_settings()
@@ -145,7 +148,10 @@ def run_demo(per_job: int = 6, keep: bool = False, settings: Settings | None = N
     with console.status("starting embedded MongoDB, Kafka and a local Ray head…"):
         info = stack.up()
     os.environ.update(stack.env())
-    settings = Settings()  # now pointing at the stack
+    get_settings.cache_clear()  # the example services read the servers' addresses through it
+    settings = get_settings()  # now pointing at the stack
+    if not verbose:
+        quiet_ray()  # Ray's own lines go to <home>/logs/cli.log
     ok = False
     try:
         ok = _run(settings, info, per_job)
@@ -156,7 +162,8 @@ def run_demo(per_job: int = 6, keep: bool = False, settings: Settings | None = N
 
         ray.shutdown()  # leave the cluster before stopping it
         if keep:
-            console.print(f"\n[bold]The stack keeps running.[/] Dashboard: {info['ray']['dashboard_url']}")
+            console.print(f"\n[bold]The stack keeps running.[/] Dashboard: {info['ray']['dashboard_url']} "
+                          f"(it asks for Ray's token: {ray_token_source()})")
             console.print("Explore with `essential list`, `essential status ID`; stop with `essential down`.")
         else:
             with console.status("stopping what the demo started…"):
@@ -263,8 +270,10 @@ def _collect(client: Any, batch: list[Planned]) -> Outcome:
 
 
 def _summary(batch: list[Planned], outcome: Outcome) -> None:
-    table = Table("job", "sagas", "completed", "compensated", "parked", "compensations", "retries", "p50 ms",
-                  title="Essential demo: example sagas")  # fmt: skip
+    table = Table("job", "sagas", "completed", "aborted", "parked", "compensations", "retries", "p50 latency",
+                  title="Essential demo: example sagas",
+                  caption="aborted: every completed step was compensated · parked: waits for an operator · "
+                          "p50 latency: start to end")  # fmt: skip
     for job in LATE_FAILURE:
         sagas = [outcome.sagas[p.saga_id] for p in batch if p.job == job]
         states = Counter(s.state for s in sagas)
@@ -272,14 +281,14 @@ def _summary(batch: list[Planned], outcome: Outcome) -> None:
         table.add_row(
             job, str(len(sagas)), str(states[SagaState.COMPLETED]), str(states[SagaState.ABORTED]),
             str(states[SagaState.PARKED]), str(outcome.compensations[job]), str(outcome.retries[job]),
-            f"{statistics.median(lat):.0f}",
+            human_ms(statistics.median(lat)),
         )  # fmt: skip
     console.print(table)
     scenarios = Table("scenario", "job", "saga", "state", "why", title="Injected scenarios")
     for p in batch:
         if p.scenario != "happy path":
             s = outcome.sagas[p.saga_id]
-            scenarios.add_row(p.scenario, p.job, p.saga_id, s.state.value, (s.error or "")[:70])
+            scenarios.add_row(p.scenario, p.job, p.saga_id, s.state.value, s.parked_reason or s.error or "")
     console.print(scenarios)
 
 

@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dashboard_url": f"http://{dashboard_url}" if dashboard_url else "",
             "node_ip": context.address_info.get("node_ip_address"),
             "session_dir": context.address_info.get("session_dir"),
+            "metrics_export_port": context.address_info.get("metrics_export_port"),
             "namespace": args.namespace,
             "ray_pids": sorted(
                 proc.process.pid

@@ -37,6 +37,7 @@ from typing import Any
 from actors.embedded_kafka import EmbeddedKafka
 from actors.ray_keeper import write_json_atomic
 from actors.settings import Settings, get_settings
+from actors.stack_record import RECORD, CorruptStackRecord, env_of
 from persistence.embedded import (
     HOST,
     EmbeddedMongo,
@@ -88,7 +89,7 @@ class LocalStack:
     # ------------------------------------------------------------------ paths
     @property
     def state_path(self) -> Path:
-        return self.home / "stack.json"
+        return self.home / RECORD
 
     @property
     def log_dir(self) -> Path:
@@ -150,6 +151,15 @@ class LocalStack:
             self.state_path.unlink(missing_ok=True)
             (self.home / "ray.json").unlink(missing_ok=True)
             return report
+
+    def note(self, key: str, value: Any) -> None:
+        """Record what else ``up`` started inside the stack (the HTTP API's address, seeded data)."""
+        with self._lock():
+            state = self._read_state()
+            if state is None:
+                raise StackNotRunning(f"no local stack recorded in {self.state_path}; run `essential up` first")
+            state[key] = value
+            self._write_state(state)
 
     def status(self) -> list[ComponentStatus]:
         """One entry per recorded component: is its process alive, does its port accept connections."""
@@ -220,6 +230,9 @@ class LocalStack:
         env.setdefault("RAY_AUTH_MODE", "token")
         env.pop("RAY_ADDRESS", None)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        # `python` in a Ray Job's entrypoint is looked up on the head's PATH: make it this Python (the
+        # project's virtual environment), not whatever the shell that ran `essential up` finds first
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
         cmd = [
             sys.executable, "-m", "actors.ray_keeper",
             "--info", str(info_path),
@@ -261,6 +274,7 @@ class LocalStack:
             start_time=start_time,
             dashboard_url=info["dashboard_url"],
             session_dir=info["session_dir"],
+            metrics_url=f"http://{HOST}:{info['metrics_export_port']}/metrics" if info.get("metrics_export_port") else "",
             ray_pids=info["ray_pids"],
             auth_mode=env["RAY_AUTH_MODE"],
         )
@@ -290,12 +304,7 @@ class LocalStack:
 
     @staticmethod
     def _env_of(state: dict[str, Any]) -> dict[str, str]:
-        keys = {"mongodb": "ESSENTIAL_MONGODB_URI", "kafka": "ESSENTIAL_KAFKA_BOOTSTRAP", "ray": "ESSENTIAL_RAY_ADDRESS"}
-        env = {var: state[name]["address"] for name, var in keys.items() if name in state}
-        if "ray" in state:
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-            env["RAY_AUTH_MODE"] = state["ray"].get("auth_mode", "token")
-        return env
+        return env_of(state)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -352,7 +361,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
-        raise StackError(f"{path} is corrupt ({exc}); remove it after checking no stack processes run") from exc
+        raise CorruptStackRecord(f"{path} is corrupt ({exc}); remove it after checking no stack processes run") from exc
 
 
 @contextlib.contextmanager

@@ -78,6 +78,15 @@ async def seed_demo(fleet: int = 100) -> None:
     )
 
 
+async def seed_demo_once(fleet: int = 100) -> bool:
+    """:func:`seed_demo` unless the example data is already there (never resets what sagas changed)."""
+    await ensure_indexes()
+    if await wallet.balance(DEMO_CUSTOMERS[0]) is not None:
+        return False
+    await seed_demo(fleet)
+    return True
+
+
 def sample_payload(job: str, **overrides: Any) -> dict[str, Any]:
     """A valid payload for ``job`` against :func:`seed_demo` data, with fresh unique ids."""
     uid = uuid.uuid4().hex[:12]

@@ -9,6 +9,7 @@ from .errors import (
     IllegalTransition,
     InvalidPayload,
     InvalidRequest,
+    JobModuleMissing,
     JobVersionMissing,
     LeaseLost,
     LockBusy,
@@ -26,7 +27,7 @@ from .states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, 
 
 __all__ = [
     "Action", "Clock", "EssentialError", "Event", "EventType", "IllegalTransition", "InvalidPayload",
-    "InvalidRequest", "Job", "JobRegistry", "JobVersionMissing", "LIVE_STATES", "Lease", "LeaseLost",
+    "InvalidRequest", "Job", "JobModuleMissing", "JobRegistry", "JobVersionMissing", "LIVE_STATES", "Lease", "LeaseLost",
     "NO_RETRY", "RetryPolicy", "RunnerObserver", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
     "Stage", "StageMeta", "StageStatus", "StartRequest", "Step", "StepContext", "StepFailed",
     "SystemClock", "TERMINAL_STATES", "UnknownJob", "build_saga", "new_id",

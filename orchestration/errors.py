@@ -3,7 +3,20 @@ from __future__ import annotations
 
 
 class EssentialError(Exception):
-    """Base of every error Essential raises on purpose."""
+    """Base of every error Essential raises on purpose.
+
+    Picklable whatever its constructor takes, so it crosses a process boundary
+    (a Ray actor's reply) as itself, with its message and attributes.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_restore, (type(self), str(self)), self.__dict__)
+
+
+def _restore(cls: type[EssentialError], message: str) -> EssentialError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    return exc
 
 
 class InvalidRequest(EssentialError, ValueError):
@@ -25,6 +38,17 @@ class JobVersionMissing(EssentialError):
         super().__init__(
             f"job {name!r} version {version} is not registered (have {known}); "
             "deploy the module that defines it so in-flight sagas can resume"
+        )
+
+
+class JobModuleMissing(EssentialError):
+    """A module named in the job modules setting cannot be imported: a deployment mistake, not a saga's."""
+
+    def __init__(self, module: str, reason: str):
+        self.module = module
+        super().__init__(
+            f"job module {module!r} (ESSENTIAL_JOB_MODULES) cannot be imported: {reason}; "
+            "install it where Essential runs or fix the setting"
         )
 
 
@@ -116,7 +140,7 @@ def rebuild_error(type_name: str, message: str) -> EssentialError:
 _BY_NAME: dict[str, type[EssentialError]] = {
     c.__name__: c
     for c in (
-        EssentialError, InvalidRequest, UnknownJob, JobVersionMissing, InvalidPayload,
+        EssentialError, InvalidRequest, UnknownJob, JobVersionMissing, JobModuleMissing, InvalidPayload,
         SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed, LockBusy,
     )
 }

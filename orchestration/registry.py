@@ -5,7 +5,7 @@ import importlib
 from collections.abc import Iterable
 
 from .dsl import Job
-from .errors import JobVersionMissing, UnknownJob
+from .errors import JobModuleMissing, JobVersionMissing, UnknownJob
 
 
 class JobRegistry:
@@ -19,7 +19,10 @@ class JobRegistry:
         """Import each module and register every module-level :class:`Job` in it."""
         registry = cls()
         for module_name in modules:
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise JobModuleMissing(module_name, str(exc)) from exc
             for value in vars(module).values():
                 if isinstance(value, Job):
                     registry.add(value)
