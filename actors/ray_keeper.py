@@ -38,6 +38,31 @@ def write_json_atomic(path: Path, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for_job_agent(node_id: str, timeout: float = 120.0) -> None:
+    """Until the head's dashboard agent has registered and listens: before that, `ray job submit`
+    is refused ("No available agent to submit job"), so the head is not ready for its users."""
+    import json
+    import socket
+    import time
+
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key = f"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:{node_id}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD)
+        if value:
+            ip, http_port = json.loads(value.decode())[:2]
+            try:
+                with socket.create_connection((ip, int(http_port)), timeout=1.0):
+                    return
+            except OSError:
+                pass
+        time.sleep(0.2)
+    print(f"warning: the dashboard agent did not register within {timeout:g}s; Ray Jobs may be refused", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m actors.ray_keeper", description=__doc__.splitlines()[0])
     parser.add_argument("--info", type=Path, required=True, help="JSON file to write the head's addresses to")
@@ -79,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     node = ray._private.worker.global_worker.node
     dashboard_url = context.dashboard_url or ""
+    if not args.no_dashboard:
+        _wait_for_job_agent(ray.get_runtime_context().get_node_id())
     write_json_atomic(
         args.info,
         {
