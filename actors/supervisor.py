@@ -19,6 +19,7 @@ from orchestration import (
     EssentialError,
     Event,
     EventType,
+    IdempotencyKeyReused,
     InvalidRequest,
     Saga,
     SagaState,
@@ -26,6 +27,7 @@ from orchestration import (
     SystemClock,
     build_saga,
 )
+from orchestration.requests import same_request
 from orchestration.signals import SignalRequest
 from orchestration.states import TERMINAL_STATES
 
@@ -84,7 +86,10 @@ class Supervisor:
             saga, event = build_saga(parsed, rt.registry, self.clock)
         except EssentialError as exc:
             return error_envelope(exc)
-        saga, created = await rt.store.create(saga, event)
+        stored, created = await rt.store.create(saga, event)
+        if not created and not same_request(stored, saga):
+            return error_envelope(IdempotencyKeyReused(saga.idempotency_key or "", stored.id))
+        saga = stored
         if created:
             metrics.saga_started(saga.job)
         if created and self.placement.has_room(saga.job):

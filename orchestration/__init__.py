@@ -6,6 +6,7 @@ from .clock import Clock, ManualClock, SystemClock
 from .dsl import NO_RETRY, Job, Lock, RetryPolicy, Step, StepContext
 from .errors import (
     EssentialError,
+    IdempotencyKeyReused,
     IllegalTransition,
     InvalidPayload,
     InvalidRequest,
@@ -26,7 +27,7 @@ from .runner import SagaRunner
 from .states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, StageStatus
 
 __all__ = [
-    "Action", "Clock", "EssentialError", "Event", "EventType", "IllegalTransition", "InvalidPayload",
+    "Action", "Clock", "EssentialError", "Event", "EventType", "IdempotencyKeyReused", "IllegalTransition", "InvalidPayload",
     "InvalidRequest", "Job", "JobModuleMissing", "JobRegistry", "JobVersionMissing", "LIVE_STATES", "Lease", "LeaseLost",
     "NO_RETRY", "RetryPolicy", "RunnerObserver", "Saga", "SagaNotFound", "SagaRunner", "SagaState", "SagaStore",
     "Stage", "StageMeta", "StageStatus", "StartRequest", "Step", "StepContext", "StepFailed",

@@ -58,6 +58,17 @@ class InvalidPayload(InvalidRequest):
         super().__init__(f"payload rejected by job {job!r}: " + "; ".join(problems))
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """A start repeated with an idempotency key already used for a *different* request."""
+
+    def __init__(self, key: str, saga_id: str):
+        self.key, self.saga_id = key, saga_id
+        super().__init__(
+            f"idempotency key {key!r} was already used by saga {saga_id} with a different job, payload or ttl; "
+            "repeat the original request to get that saga, or use a new key"
+        )
+
+
 class SagaNotFound(EssentialError, LookupError):
     def __init__(self, saga_id: str):
         self.saga_id = saga_id
@@ -141,6 +152,7 @@ _BY_NAME: dict[str, type[EssentialError]] = {
     c.__name__: c
     for c in (
         EssentialError, InvalidRequest, UnknownJob, JobVersionMissing, JobModuleMissing, InvalidPayload,
+        IdempotencyKeyReused,
         SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed, LockBusy,
     )
 }

@@ -1,10 +1,11 @@
 """Validation of start requests, shared by every entry point (client, CLI, Kafka, HTTP)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
+from . import storable
 from .clock import Clock
 from .errors import InvalidRequest
 from .models import Event, Saga
@@ -12,15 +13,30 @@ from .registry import JobRegistry
 from .states import EventType, SagaState
 
 
-class StartRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: the longest time-to-live a saga may ask for (ten years): past it, deadlines leave the calendar
+MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
 
-    job: str = Field(min_length=1, description="registered job name, e.g. order:fulfillment")
+
+class StartRequest(BaseModel):
+    # strict where a wrong type is the caller's mistake: ``"ttl": true`` is refused, never read as 1 s
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    job: str = Field(min_length=1, max_length=200, description="registered job name, e.g. order:fulfillment")
     payload: dict[str, Any] = Field(default_factory=dict)
-    ttl: float | None = Field(default=None, gt=0, description="seconds; the job's default when omitted")
+    ttl: Annotated[float, Strict()] | None = Field(
+        default=None, gt=0, le=MAX_TTL_SECONDS, allow_inf_nan=False, description="seconds; the job's default when omitted"
+    )
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     correlation_id: str | None = Field(default=None, max_length=200)
     traceparent: str | None = Field(default=None, max_length=200)
+
+    @field_validator("payload")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        found = storable.problems(value)
+        if found:
+            raise ValueError("; ".join(found))
+        return value
 
     @classmethod
     def parse(cls, data: Any) -> "StartRequest":
@@ -34,6 +50,20 @@ class StartRequest(BaseModel):
                 f"{'.'.join(str(p) for p in err['loc']) or '<request>'}: {err['msg']}" for err in exc.errors()
             ]
             raise InvalidRequest("invalid start request: " + "; ".join(problems)) from None
+
+
+def same_request(saga: Saga, request: Saga) -> bool:
+    """Does ``request`` (a saga built from a repeated start) ask for what ``saga`` was started with?
+
+    Used when an idempotency key is reused: the same key with other parameters is
+    the caller's mistake and is refused (as payment APIs do), never answered with
+    the first saga as if it were this one. A pruned saga no longer has its payload,
+    so only its job can be compared."""
+    if saga.job != request.job:
+        return False
+    if saga.pruned_at is not None:
+        return True
+    return saga.payload == request.payload and saga.ttl == request.ttl
 
 
 def build_saga(request: StartRequest, registry: JobRegistry, clock: Clock) -> tuple[Saga, Event]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import storable
 from .errors import InvalidRequest
 
 #: a signal's payload is JSON of at most this many bytes
@@ -32,6 +33,9 @@ class SignalRequest(BaseModel):
     @field_validator("payload")
     @classmethod
     def _json_and_small(cls, value: Any) -> Any:
+        found = storable.problems(value)  # first: it is safe on any depth, json.dumps is not
+        if found:
+            raise ValueError("; ".join(found))
         try:
             size = len(json.dumps(value))
         except (TypeError, ValueError) as exc:

@@ -66,12 +66,16 @@ def _retryable(exc: PyMongoError) -> bool:
     )
 
 
-async def resilient(op: Callable[[], Awaitable[T]], what: str, budget: float = OUTAGE_BUDGET_S) -> T:
+async def resilient(
+    op: Callable[[], Awaitable[T]], what: str, budget: float = OUTAGE_BUDGET_S, *, duplicate_is_success: bool = True
+) -> T:
     """Run ``op``, riding out a MongoDB outage (restart, failover) for up to ``budget`` seconds.
 
     A duplicate-key error on a *retry* means the earlier attempt committed before
     its acknowledgement was lost (every checkpoint inserts a uniquely keyed stage
-    or outbox row), so it counts as success.
+    or outbox row), so it counts as success — unless ``duplicate_is_success`` is
+    off, for writes where someone else's row can collide too (a saga's
+    idempotency key): those callers find out whose row it is.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
@@ -81,7 +85,7 @@ async def resilient(op: Callable[[], Awaitable[T]], what: str, budget: float = O
         try:
             return await op()
         except DuplicateKeyError:
-            if attempt > 1:
+            if attempt > 1 and duplicate_is_success:
                 return None  # type: ignore[return-value]
             raise
         except PyMongoError as exc:
@@ -261,15 +265,21 @@ class MongoSagaStore:
                 await session.with_transaction(body)
 
         try:
-            await resilient(once, "create saga", budget=30.0)
+            await resilient(once, "create saga", budget=30.0, duplicate_is_success=False)
+            return saga, True
         except DuplicateKeyError:
-            if saga.idempotency_key is None:
-                raise
-            existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
-            if existing is None:
-                raise
-            return saga_from_doc(existing), False
-        return saga, True
+            pass  # this id or this idempotency key is stored already: whose row it is decides
+        mine = await resilient(lambda: self.sagas.find_one({"_id": doc["_id"]}), "read saga")
+        if mine is not None:  # our own earlier attempt committed before its acknowledgement was lost
+            return saga_from_doc(mine), True
+        existing = None
+        if saga.idempotency_key is not None:
+            existing = await resilient(
+                lambda: self.sagas.find_one({"idempotency_key": saga.idempotency_key}), "read saga by key"
+            )
+        if existing is None:
+            raise DuplicateKeyError(f"saga {saga.id} collides with a stored saga")
+        return saga_from_doc(existing), False
 
     async def get(self, saga_id: str) -> Saga:
         try:
