@@ -281,7 +281,10 @@ class Supervisor:
             place.launch(saga.id, saga.job)
             counts["admitted"] += 1
 
-        counts["woken"] = await self._wake_due(now)  # issue 9: waiting sagas whose signal/timer/child/lock came
+        # a safety net for wake-ups that never landed, then waiting sagas whose signal/timer/child/lock came
+        settle = timedelta(seconds=max(10.0, 5 * conf.supervisor_interval))
+        counts["stranded"] = await store.wake_stranded(now, settle)
+        counts["woken"] = await self._wake_due(now)
 
         if self._sweeps % 30 == 1:
             counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))

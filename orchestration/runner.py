@@ -36,7 +36,6 @@ from .compensation import compensation_plan, is_deferred, open_compensation
 from .dsl import Job, RetryPolicy, Step, StepContext, seconds_of
 from .errors import (
     AbortPending,
-    EssentialError,
     InvalidRequest,
     JobVersionMissing,
     LeaseLost,
@@ -271,8 +270,11 @@ class SagaRunner:
 
     def _failure_text(self, step: Step, outcome: Attempts) -> str:
         saga = self._saga
-        reason = "timed out" if outcome.timed_out else "failed"
-        error = f"step {step.name} {reason} after {outcome.attempts} attempt(s): {outcome.errors[-1] if outcome.errors else ''}"
+        last = outcome.errors[-1] if outcome.errors else ""
+        reason = "timed out" if outcome.timed_out and last.startswith("timed out") else "failed"
+        error = f"step {step.name} {reason} after {outcome.attempts} attempt(s): {last}"
+        if outcome.timed_out and reason == "failed":
+            error += " (an earlier attempt timed out: its outcome is unknown, so it is compensated)"
         if self.clock.now() >= saga.deadline:
             error = f"ttl of {saga.ttl:g}s expired during step {step.name}"
         elif self._abort_reason:
@@ -770,19 +772,21 @@ class SagaRunner:
                 outcome.timed_out = False
                 break
             except asyncio.TimeoutError:
+                # sticky: an attempt that timed out may have taken effect, whatever later ones say
                 outcome.timed_out = True
                 outcome.errors.append(str(StepTimeout(f"timed out after {limit:.3g}s")))
             except RetryLater as later:
+                if outcome.timed_out:  # "no effect, run me later" cannot speak for the attempt that timed out
+                    outcome.errors.append(f"RetryLater after an attempt timed out (its outcome is unknown): {later}")
+                    break
                 outcome.deferred = later
-                outcome.timed_out = False
                 break
             except StepFailed as exc:
                 retryable = False
                 outcome.errors.append(f"{type(exc).__name__}: {exc}")
-            except EssentialError:
-                raise
-            except Exception as exc:  # a step's own failure: recorded, retried by policy
-                outcome.timed_out = False
+            except LeaseLost:
+                raise  # this runner was replaced: it must stop, not count an attempt
+            except Exception as exc:  # a step's own failure (Essential's own errors too): retried by policy
                 outcome.errors.append(f"{type(exc).__name__}: {exc}")
             if not retryable or outcome.attempts >= policy.attempts:
                 break

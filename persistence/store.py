@@ -24,7 +24,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from collections.abc import Sequence
 from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
@@ -103,6 +103,14 @@ class _LockRace(Exception):
 def lock_label(bucket: str, key: str) -> str:
     """``waiting_for`` of a saga waiting for a bucket lock."""
     return f"lock:{bucket}:{key}"
+
+
+def parse_lock_label(label: str | None) -> tuple[str, str] | None:
+    """``(bucket, key)`` of a :func:`lock_label` (a bucket never holds a colon), else None."""
+    if not label or not label.startswith("lock:"):
+        return None
+    bucket, sep, key = label[len("lock:"):].partition(":")
+    return (bucket, key) if sep else None
 
 
 def _utcnow() -> datetime:
@@ -340,11 +348,19 @@ class MongoSagaStore:
             self._sessions[saga_id] = session
         return saga
 
+    #: what a lease taker's compare-and-set states besides the epoch: every write a runner makes
+    #: changes at least one of them, so a taker never goes on from a read that a commit overtook
+    LEASE_FENCE: ClassVar[tuple[str, ...]] = ("updatedAt", "events", "seq", "cursor", "state", "abort_requested")
+
     async def _raise_epoch(self, saga_id: str, owner: str, session_hex: str) -> Saga:
-        """Take the lease by compare-and-set on the epoch (two indexed commands; see fenced_update
-        for why not findAndModify): of two racing takers exactly one moves epoch e to e + 1.
-        A predecessor killed mid-checkpoint must not block it: its session is ended first."""
+        """Take the lease by compare-and-set (two indexed commands; see fenced_update for why not
+        findAndModify): of two racing takers exactly one moves epoch e to e + 1, and only from
+        the saga exactly as it read it — the previous holder may commit between the read and
+        the set (its transaction retried after its session was ended), and the taker must then
+        read again rather than continue from a stale cursor. A predecessor killed
+        mid-checkpoint must not block it: its session is ended first."""
         reclaimed = False
+        delay = 0.005
         while True:
             doc = await self.sagas.find_one({"_id": oid(saga_id)})
             if doc is None:
@@ -354,10 +370,14 @@ class MongoSagaStore:
                 await self._end_session_of(saga_id, doc.get("session"))
             seen = (doc.get("lease") or {}).get("epoch")  # None: never leased (matches a missing field)
             epoch = int(seen or 0)
+            fence = {"_id": doc["_id"], "lease.epoch": seen, **{f: doc.get(f) for f in self.LEASE_FENCE}}
             taken = await self.sagas.update_one(
-                {"_id": doc["_id"], "lease.epoch": seen},
-                {"$set": {"lease.epoch": epoch + 1, "lease.owner": owner, "session": session_hex}},
+                fence, {"$set": {"lease.epoch": epoch + 1, "lease.owner": owner, "session": session_hex}}
             )
+            if not taken.matched_count:
+                await asyncio.sleep(delay)  # the holder wrote meanwhile: read again
+                delay = min(delay * 2, 0.2)
+                continue
             if taken.matched_count:
                 doc.setdefault("lease", {}).update(epoch=epoch + 1, owner=owner)
                 doc["session"] = session_hex
@@ -449,32 +469,59 @@ class MongoSagaStore:
     async def transition(
         self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, carried: Sequence[Carried] = ()
     ) -> str | None:
-        terminal = fields.get("state") in TERMINAL_STATES
-        released: list[dict[str, Any]] = []
-        found: dict[str, Any] = {}
+        state = SagaState(fields["state"]) if "state" in fields else None
+        terminal = state in TERMINAL_STATES
+        lock_wait = parse_lock_label(fields.get("waiting_for")) if state == SagaState.WAITING else None
 
         async def body(session: AsyncClientSession) -> str | None:
             doc = await self.fenced_update(session, saga_id, epoch, fields, events, carried=carried)
-            found.clear()
-            found.update(doc)
-            released.clear()
-            if terminal and doc.get("locks_held"):  # the saga ended: its locks go in the same transaction
-                held = [d async for d in self.locks.find({"saga": oid(saga_id)}, session=session)]
-                if held:
-                    await self.locks.delete_many({"saga": oid(saga_id)}, session=session)
-                released.extend(held)
+            if lock_wait is not None:
+                await self._register_lock_wait(session, saga_id, *lock_wait)
+            if terminal:
+                await self._release_and_wake(session, saga_id, doc)
             return doc.get("abort_requested")
 
         flag = await self._in_transaction(saga_id, body)
         if terminal:
             await self.release(saga_id)
-            # after the commit: whoever checks after its own "waiting" checkpoint sees the change
-            for lock in released:
-                for waiter in lock.get("waiters") or []:
-                    await self.wake(str(waiter), lock_label(lock["bucket"], lock["key"]))
-            if found.get("parent") is not None:
-                await self.wake(str(found["parent"]), f"child:{saga_id}")
         return flag
+
+    async def _register_lock_wait(self, session: AsyncClientSession, saga_id: str, bucket: str, key: str) -> None:
+        """In the transaction that checkpoints a saga ``waiting`` for a lock: wait on whoever holds it *now*.
+
+        The saga may have met another holder first (the lock changed hands while it
+        lingered): registering here, atomically with the checkpoint, is what makes the
+        holder's release wake it. A lock that is free already makes the saga due at once.
+        """
+        me = oid(saga_id)
+        held = await self.locks.find_one({"bucket": bucket, "key": key}, session=session)
+        if held is not None and held["saga"] != me and not (await self._holder_ended(session, held["saga"]))[0]:
+            await self.locks.update_one({"_id": held["_id"]}, {"$addToSet": {"waiters": me}}, session=session)
+            return
+        await self.sagas.update_one({"_id": me}, {"$set": {"wake_at": _utcnow()}}, session=session)
+
+    async def _release_and_wake(self, session: AsyncClientSession, saga_id: str, doc: dict[str, Any]) -> None:
+        """In the saga's terminal transaction: free its locks and wake who waits for them or for it.
+
+        Inside the transaction, so a process that dies right after the commit cannot
+        lose the wake-up (the waiters would otherwise sleep until their TTL)."""
+        now = _utcnow()
+        if doc.get("locks_held"):
+            held = [d async for d in self.locks.find({"saga": oid(saga_id)}, session=session)]
+            if held:
+                await self.locks.delete_many({"saga": oid(saga_id)}, session=session)
+            for lock in held:
+                label = lock_label(lock["bucket"], lock["key"])
+                for waiter in lock.get("waiters") or []:
+                    await self.sagas.update_one(
+                        {"_id": waiter, "state": SagaState.WAITING.value, "waiting_for": label},
+                        {"$set": {"wake_at": now}}, session=session,
+                    )  # fmt: skip
+        if doc.get("parent") is not None:
+            await self.sagas.update_one(
+                {"_id": oid(str(doc["parent"])), "state": SagaState.WAITING.value, "waiting_for": f"child:{saga_id}"},
+                {"$set": {"wake_at": now}}, session=session,
+            )  # fmt: skip
 
     # -- bucket locks ------------------------------------------------------------------
     async def _holder_ended(self, session: AsyncClientSession | None, holder: Any) -> tuple[bool, dict[str, Any]]:
@@ -548,6 +595,41 @@ class MongoSagaStore:
         )
         return [saga_from_doc(d) async for d in cursor]
 
+    async def wake_stranded(self, now: datetime, settle: timedelta, limit: int = 100) -> int:
+        """Wake waiting sagas whose lock, child or signal came but whose wake-up never landed.
+
+        A safety net behind the in-transaction wake-ups: a runner that died between its
+        ``waiting`` checkpoint and its last look, a lock edited by hand. Each saga is
+        looked at once per ``settle`` (``stranded_checked_at``), oldest first, at most
+        ``limit`` per call; waking one that is not due only costs a relaunch that parks again.
+        """
+        before = now - settle
+        query = {"state": SagaState.WAITING.value, "wake_at": {"$gt": now}, "updatedAt": {"$lt": before},
+                 "$or": [{"stranded_checked_at": None}, {"stranded_checked_at": {"$lt": before}}]}  # fmt: skip
+        docs = [d async for d in self.sagas.find(query, {"waiting_for": 1}).sort("updatedAt", ASCENDING).limit(limit)]
+        woken = 0
+        for doc in docs:
+            saga_id = str(doc["_id"])
+            if await self._arrived(saga_id, doc.get("waiting_for") or ""):
+                woken += await self.wake(saga_id, doc.get("waiting_for"))
+        if docs:
+            await self.sagas.update_many({"_id": {"$in": [d["_id"] for d in docs]}}, {"$set": {"stranded_checked_at": now}})
+        return woken
+
+    async def _arrived(self, saga_id: str, label: str) -> bool:
+        """Has what a waiting saga waits for happened (``lock:``/``child:``/``signal:`` labels)?"""
+        lock = parse_lock_label(label)
+        if lock is not None:
+            return await self.lock_free(lock[0], lock[1], saga_id)
+        if label.startswith("child:"):
+            child = await self.sagas.find_one({"_id": oid(label[len("child:"):])}, {"state": 1})
+            return child is None or child.get("state") in {s.value for s in TERMINAL_STATES}
+        if label.startswith("signal:"):
+            name = label[len("signal:"):]
+            consumed = {s.meta.signal_id for s in await self.stages(saga_id) if s.meta.signal_id}
+            return any(signal.id not in consumed for signal in await self.signals(saga_id, name))
+        return False
+
     # -- signals -----------------------------------------------------------------------
     async def deliver_signal(
         self, saga_id: str, name: str, payload: Any = None, *, key: str | None = None
@@ -563,12 +645,27 @@ class MongoSagaStore:
                 f"saga {saga_id} is {saga.state.value}; signal {name!r} can no longer be delivered"
             )
         signal = Signal(saga=saga_id, name=name, payload=payload, key=key, at=_utcnow())
-        created = True
+        doc = signal_to_doc(signal)
+
+        async def body(session: AsyncClientSession) -> bool:
+            # stored and woken in one transaction: a deliverer that dies in between loses nothing
+            await self.signals_col.insert_one(dict(doc), session=session)
+            woke = await self.sagas.update_one(
+                {"_id": oid(saga_id), "state": SagaState.WAITING.value, "waiting_for": f"signal:{name}"},
+                {"$set": {"wake_at": signal.at}}, session=session,
+            )  # fmt: skip
+            return woke.modified_count == 1
+
+        async def once() -> bool:
+            async with self.client.start_session() as session:
+                return await session.with_transaction(body)
+
         try:
-            await resilient(lambda: self.signals_col.insert_one(signal_to_doc(signal)), "store signal")
-        except DuplicateKeyError:
-            created = False
-        if await self.wake(saga_id, f"signal:{name}"):
+            woke = await resilient(once, "store signal")
+            created = True
+        except DuplicateKeyError:  # a repeated key: stored (and its wake-up made) the first time
+            woke, created = False, False
+        if woke:
             return await self.get(saga_id), created
         return saga, created
 

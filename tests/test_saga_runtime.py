@@ -119,8 +119,13 @@ async def test_ttl_expiry_is_handled_by_the_runner(client: Any, store: Any) -> N
 async def test_same_idempotency_key_yields_one_saga(client: Any, store: Any) -> None:
     key = f"order-{uuid.uuid4()}"
     first = await call(client.start, "test:chain", {}, idempotency_key=key)
-    second = await call(client.start, "test:chain", {"tag": "different"}, idempotency_key=key)
+    second = await call(client.start, "test:chain", {}, idempotency_key=key)
     assert first == second
+    # the same key with another payload is the caller's mistake: refused, never a second saga
+    from orchestration import IdempotencyKeyReused
+
+    with pytest.raises(IdempotencyKeyReused):
+        await call(client.start, "test:chain", {"tag": "different"}, idempotency_key=key)
     assert await store.sagas.count_documents({"idempotency_key": key}) == 1
     assert (await call(client.wait, first, 60)).state == SagaState.COMPLETED
 

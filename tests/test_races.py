@@ -1,0 +1,295 @@
+"""Races in the runtime, each reproduced step by step against the real MongoDB.
+
+Every saga here is driven through its own ``MongoSagaStore`` on its own client,
+as separate runner processes would: the server sees independent sessions, and
+the test decides the interleaving (no sleeps racing the machine). Each test
+failed on the code before its fix.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any, AsyncIterator
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from orchestration import JobRegistry, SagaState, StartRequest, SystemClock, build_saga
+from orchestration.models import Stage, StageMeta
+from orchestration.states import Action
+from persistence.store import MongoSagaStore, lock_label
+
+pytestmark = pytest.mark.asyncio
+DB = "races_essential"
+BUCKET, KEY = "test.wallets", "w-race"
+
+
+@pytest.fixture(scope="module")
+def registry() -> JobRegistry:
+    return JobRegistry.from_modules(["tests.jobs"])
+
+
+class Runners:
+    """A store per runner, each on a client of its own (as separate processes have)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.clients: list[AsyncMongoClient] = []
+
+    async def store(self) -> MongoSagaStore:
+        client: AsyncMongoClient = AsyncMongoClient(self.uri, tz_aware=True)
+        self.clients.append(client)
+        store = MongoSagaStore(client, DB)
+        await store.ensure_indexes()
+        return store
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+@pytest.fixture
+async def runners(mongo_uri: str, essential_env: dict[str, str]) -> AsyncIterator[Runners]:
+    made = Runners(mongo_uri)
+    yield made
+    await made.close()
+
+
+async def new_saga(store: MongoSagaStore, registry: JobRegistry, job: str = "test:lock-wait") -> str:
+    saga, event = build_saga(StartRequest(job=job, payload={"wallet": KEY}), registry, SystemClock())
+    await store.create(saga, event)
+    return saga.id
+
+
+def stage(saga_id: str, seq: int, step: str = "a") -> Stage:
+    now = datetime.now(timezone.utc)
+    return Stage(saga=saga_id, seq=seq, step=step, bucket=BUCKET, action=Action.UPDATE,
+                 meta=StageMeta(idempotency_key=f"{saga_id}:{seq}"), started_at=now)  # fmt: skip
+
+
+async def take_lock(store: MongoSagaStore, saga_id: str, epoch: int) -> None:
+    """The write-ahead of a locked step, as the runner makes it."""
+    await store.write_ahead(saga_id, epoch, stage(saga_id, 1), {"seq": 1, "cursor": 0, "state": "running"},
+                            locks=[(BUCKET, KEY)], unless_abort=True)  # fmt: skip
+
+
+async def end(store: MongoSagaStore, saga_id: str, epoch: int) -> None:
+    await store.transition(saga_id, epoch, {"state": SagaState.COMPLETED, "committed_at": datetime.now(timezone.utc)}, [])
+
+
+async def test_a_lock_waiter_is_woken_even_when_the_lock_changed_hands_before_it_parked(
+    runners: Runners, registry: JobRegistry
+) -> None:
+    """W registers on X's lock; X ends (W is not waiting yet) and Y takes the lock; W then parks.
+
+    Before the fix W stayed registered on X's deleted lock document only, so Y's end
+    woke nobody and W slept until its TTL (seen in a plain batch of 20 transfers)."""
+    x_store, w_store, y_store = await runners.store(), await runners.store(), await runners.store()
+    x_id = await new_saga(x_store, registry)
+    w_id = await new_saga(w_store, registry)
+    y_id = await new_saga(y_store, registry)
+    x_epoch = (await x_store.acquire_lease(x_id, "runner-x")).lease.epoch
+    w_epoch = (await w_store.acquire_lease(w_id, "runner-w")).lease.epoch
+    y_epoch = (await y_store.acquire_lease(y_id, "runner-y")).lease.epoch
+    await take_lock(x_store, x_id, x_epoch)
+
+    # W meets the lock and registers as X's waiter, then lingers in its actor (not yet `waiting`)
+    from orchestration.errors import LockBusy
+
+    with pytest.raises(LockBusy):
+        await take_lock(w_store, w_id, w_epoch)
+    assert await w_store.add_lock_waiter(BUCKET, KEY, w_id)
+
+    await end(x_store, x_id, x_epoch)  # releases the lock: W is not waiting, so there is nobody to wake
+    await take_lock(y_store, y_id, y_epoch)  # Y takes it before W looks again
+
+    # W's linger ends: it checkpoints `waiting` for the lock, and its last look finds the lock taken
+    far = datetime.now(timezone.utc) + timedelta(hours=1)
+    await w_store.transition(w_id, w_epoch, {"state": SagaState.WAITING, "waiting_for": lock_label(BUCKET, KEY),
+                                             "wake_at": far}, [])  # fmt: skip
+    assert not await w_store.lock_free(BUCKET, KEY, w_id)
+
+    await end(y_store, y_id, y_epoch)  # Y ends: its release must wake W
+    woken = await w_store.get(w_id)
+    assert woken.state == SagaState.WAITING
+    assert woken.wake_at is not None and woken.wake_at <= datetime.now(timezone.utc), (
+        "the lock is free and W is due: it must be relaunched now, not at its TTL"
+    )
+
+
+async def test_a_waiter_whose_wake_up_never_landed_is_found_by_the_sweep(client: Any, store: Any, mongo: Any) -> None:
+    """W waits for X's lock; its registration is lost (as a crash between commit and wake-up lost it
+    before wake-ups moved into the transaction); X ends. The supervisor's sweep must find W."""
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, TEST_DB, poll
+
+    wallet = f"w-strand-{datetime.now(timezone.utc).timestamp()}"
+    gate = f"gate-{wallet}"
+    x = await call(client.start, "test:lock-wait", {"wallet": wallet, "gate": {"b": gate}})
+    await poll(lambda: mongo[JOBS_DB].calls.find_one({"saga": x, "step": "b"}), timeout=60, what="X at its gate")
+    w = await call(client.start, "test:lock-wait", {"wallet": wallet})
+    locks = mongo[TEST_DB].locks
+
+    async def w_parked_on_x() -> bool:
+        lock = await locks.find_one({"key": wallet})
+        return (await store.get(w)).state == SagaState.WAITING and lock is not None and any(
+            str(waiter) == w for waiter in lock.get("waiters", [])
+        )
+
+    await poll(w_parked_on_x, timeout=60, what="W waiting, registered on X's lock")
+    await locks.update_one({"key": wallet}, {"$set": {"waiters": []}})  # the wake-up that will never come
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    assert (await call(client.wait, x, 60)).state == SagaState.COMPLETED
+    done = await call(client.wait, w, 90)
+    assert done.state == SagaState.COMPLETED, f"W was left waiting for a free lock: {done.state} {done.error}"
+
+
+class PausedAfterRead:
+    """A collection whose next ``find_one`` returns, then holds its caller until released.
+
+    Puts the taker of a lease exactly between its read and its compare-and-set."""
+
+    def __init__(self, collection: Any) -> None:
+        import asyncio
+
+        self._collection = collection
+        self.read_done = asyncio.Event()
+        self.release = asyncio.Event()
+        self._armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    async def find_one(self, *args: Any, **kwargs: Any) -> Any:
+        doc = await self._collection.find_one(*args, **kwargs)
+        if self._armed:
+            self._armed = False
+            self.read_done.set()
+            await self.release.wait()
+        return doc
+
+
+async def test_a_lease_taker_never_continues_from_what_it_read_before_the_last_commit(
+    runners: Runners, registry: JobRegistry
+) -> None:
+    """B reads the saga; A (still holding the lease) commits a checkpoint; B's compare-and-set on the
+    epoch then succeeded and B went on from its stale read: a finished step run again under a new seq."""
+    import asyncio
+
+    a_store, b_store = await runners.store(), await runners.store()
+    saga_id = await new_saga(a_store, registry, job="test:chain")
+    epoch = (await a_store.acquire_lease(saga_id, "runner-a")).lease.epoch
+    await a_store.write_ahead(saga_id, epoch, stage(saga_id, 1), {"seq": 1, "cursor": 0, "state": "running"})
+
+    paused = PausedAfterRead(b_store.sagas)
+    b_store.sagas = paused  # type: ignore[assignment]
+    taking = asyncio.ensure_future(b_store.acquire_lease(saga_id, "runner-b"))
+    await asyncio.wait_for(paused.read_done.wait(), 30)
+    # A, not yet replaced, finishes step 1 and writes step 2 ahead
+    await a_store.write_ahead(saga_id, epoch, stage(saga_id, 2, "b"), {"seq": 2, "cursor": 1})
+    paused.release.set()
+    taken = await asyncio.wait_for(taking, 30)
+
+    stored = await a_store.get(saga_id)
+    assert stored.seq == 2
+    assert taken.lease.epoch == stored.lease.epoch == epoch + 1
+    assert taken.seq == stored.seq and taken.cursor == stored.cursor, (
+        f"B took the lease from a stale read: seq {taken.seq}/cursor {taken.cursor}, stored {stored.seq}/{stored.cursor}"
+    )
+    with pytest.raises(Exception) as lost:
+        await a_store.write_ahead(saga_id, epoch, stage(saga_id, 3, "c"), {"seq": 3, "cursor": 2})
+    assert type(lost.value).__name__ == "LeaseLost", "A is fenced off once B holds the lease"
+
+
+# --------------------------------------------------------------------------- an attempt that timed out
+def _timeout_then(second: str) -> Any:
+    """Step b: its first attempt applies its effect and then hangs past the timeout; its second
+    attempt fails (``second="error"``) or asks to run again later (``second="later"``)."""
+    import asyncio
+
+    from pydantic import BaseModel
+
+    from orchestration import Job, RetryLater, RetryPolicy
+
+    class Nothing(BaseModel):
+        pass
+
+    job: Any = Job(f"race:timeout-then-{second}", ttl=60, payload=Nothing)
+    undone: list[str] = []
+
+    @job.step(bucket="test.a", action="create")
+    async def a(ctx: Any) -> dict:
+        return {"a": True}
+
+    @a.compensation
+    async def undo_a(ctx: Any, result: Any) -> dict:
+        undone.append("a")
+        return {}
+
+    @job.step(bucket="test.b", action="create", timeout=0.3, retry=RetryPolicy(attempts=2, backoff=0.01))
+    async def b(ctx: Any) -> dict:
+        if ctx.attempt == 1:
+            job.applied = ctx.idempotency_key  # the participant took the request...
+            await asyncio.Event().wait()  # ...and its answer never comes back in time
+        if second == "later":
+            raise RetryLater(30, reason="participant busy")
+        raise ValueError("participant refused the retry")
+
+    @b.compensation
+    async def undo_b(ctx: Any, result: Any) -> dict:
+        undone.append("b")
+        return {}
+
+    job.undone = undone
+    return job
+
+
+@pytest.mark.parametrize("second", ["error", "later"])
+async def test_a_step_whose_attempt_timed_out_is_compensated_whatever_the_later_attempts_say(
+    runners: Runners, second: str
+) -> None:
+    """Its outcome is unknown once an attempt timed out: a later ordinary failure (or RetryLater)
+    must not make it 'failed, nothing to undo' — the timed-out attempt may have taken effect."""
+    from orchestration import SagaRunner
+    from orchestration.states import StageStatus
+
+    job = _timeout_then(second)
+    registry = JobRegistry([job])
+    store = await runners.store()
+    saga, event = build_saga(StartRequest(job=job.name), registry, SystemClock())
+    await store.create(saga, event)
+    done = await SagaRunner(saga.id, store=store, registry=registry, owner="race", linger=0).run()
+    stages = await store.stages(saga.id)
+    b = next(s for s in stages if s.step == "b" and s.action != Action.COMPENSATE)
+    assert done.state == SagaState.ABORTED, (done.state, done.error)
+    assert b.status == StageStatus.FAILED and b.res["outcome"] == "unknown", b.res
+    assert job.undone == ["b", "a"], "the timed-out step is compensated, then the one before it"
+    assert [s.step for s in stages if s.action != Action.COMPENSATE] == ["a", "b"], "never re-run under a new key"
+
+
+async def test_a_step_raising_one_of_essentials_own_errors_fails_its_attempt(runners: Runners) -> None:
+    """E.g. IllegalTransition from undoing a child saga that just completed: a failed attempt, retried by
+    policy — not an exception out of the runner (the actor then crashed and was restored, again and again)."""
+    from pydantic import BaseModel
+
+    from orchestration import IllegalTransition, Job, RetryPolicy, SagaRunner
+
+    class Nothing(BaseModel):
+        pass
+
+    job: Any = Job("race:own-error", ttl=60, payload=Nothing)
+
+    @job.step(bucket="test.b", action="create", retry=RetryPolicy(attempts=3, backoff=0.01))
+    async def b(ctx: Any) -> dict:
+        if ctx.attempt < 3:
+            raise IllegalTransition("the child saga completed under us")
+        return {"ok": True}
+
+    registry = JobRegistry([job])
+    store = await runners.store()
+    saga, event = build_saga(StartRequest(job=job.name), registry, SystemClock())
+    await store.create(saga, event)
+    done = await SagaRunner(saga.id, store=store, registry=registry, owner="race").run()
+    assert done.state == SagaState.COMPLETED, done.error
+    (stage_b,) = await store.stages(saga.id)
+    assert stage_b.meta.retry_count == 2 and "IllegalTransition" in stage_b.meta.errors[0]
