@@ -137,8 +137,11 @@ class Lock:
     """A semantic lock: the step holds these business keys of ``bucket`` until the saga ends.
 
     ``keys(ctx)`` returns one key or several (taken all at once, in one
-    transaction with the step's write-ahead checkpoint, so two sagas locking the
-    same keys cannot deadlock each other).  ``bucket`` defaults to the step's.
+    transaction with the step's write-ahead checkpoint, so the keys of one step
+    never deadlock).  Sagas that lock keys in different steps, in opposite
+    orders, can wait for each other: the saga whose wait would close such a
+    cycle is refused at once (its step fails without effect and it compensates,
+    releasing its locks), so the other goes on.  ``bucket`` defaults to the step's.
     A key held by another live saga makes the step wait (``on_conflict="wait"``,
     up to ``timeout`` seconds, else until the TTL) or fail at once without
     effect (``"fail"``).  Locks are released when the saga ends (completed or

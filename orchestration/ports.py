@@ -118,6 +118,12 @@ class SagaStore(Protocol):
     async def add_lock_waiter(self, bucket: str, key: str, saga_id: str) -> bool:
         """Ask to be woken when the lock is released; False when it is not held by another saga."""
 
+    async def remove_lock_waiter(self, bucket: str, key: str, saga_id: str) -> None:
+        """No longer waiting for the lock (taken, given up, stopped)."""
+
+    async def lock_cycle(self, bucket: str, key: str, saga_id: str) -> list[str] | None:
+        """The sagas ``saga_id`` would wait for in a circle by waiting for this lock, else None."""
+
 
 class RunnerObserver(Protocol):
     """Hooks for metrics and logs; called after the matching checkpoint is durable."""

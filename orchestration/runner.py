@@ -366,11 +366,22 @@ class SagaRunner:
                 if not await self.store.add_lock_waiter(busy.bucket, busy.key, self._saga.id):
                     continue  # released meanwhile
                 bucket, key = busy.bucket, busy.key
+                cycle = await self.store.lock_cycle(bucket, key, self._saga.id)
+                if cycle is not None:  # the holder waits (through others) for a lock this saga holds
+                    await self.store.remove_lock_waiter(bucket, key, self._saga.id)
+                    chain = " → ".join(f"saga {holder}" for holder in cycle)
+                    return await self._refuse(
+                        step, stage, index,
+                        f"step {step.name} refused: deadlock: {busy}, and {chain} waits for a lock this saga holds",
+                    )  # fmt: skip
 
                 async def free(_b: str = bucket, _k: str = key) -> bool | None:
                     return True if await self.store.lock_free(_b, _k, self._saga.id) else None
 
+                # parked (raises Parked): still a waiter, woken by the holder's release
                 waited = await self._await(f"lock:{bucket}:{key}", check=free, until=until, linger=self._linger(step))
+                if waited.kind != "ready":
+                    await self.store.remove_lock_waiter(bucket, key, self._saga.id)
                 if waited.kind == "stop":
                     await self._begin_compensation(waited.value)
                     return waited.value

@@ -555,7 +555,7 @@ class MongoSagaStore:
                 raise LockBusy(bucket, key, str(held["saga"]), holder.get("job"), holder.get("state"))
             # its saga ended without releasing it (pruned, or edited by hand): it is free
             await self.locks.update_one(
-                {"_id": held["_id"], "saga": held["saga"]}, {"$set": mine}, session=session
+                {"_id": held["_id"], "saga": held["saga"]}, {"$set": mine, "$pull": {"waiters": me}}, session=session
             )
 
     async def lock_free(self, bucket: str, key: str, saga_id: str) -> bool:
@@ -574,6 +574,40 @@ class MongoSagaStore:
             "wait for lock",
         )
         return res.matched_count == 1
+
+    async def remove_lock_waiter(self, bucket: str, key: str, saga_id: str) -> None:
+        """A waiter that took the lock, gave up or stopped: its stale entry would read as a wait."""
+        await resilient(
+            lambda: self.locks.update_one({"bucket": bucket, "key": key}, {"$pull": {"waiters": oid(saga_id)}}),
+            "stop waiting for lock",
+        )
+
+    async def lock_cycle(self, bucket: str, key: str, saga_id: str, max_hops: int = 64) -> list[str] | None:
+        """Would ``saga_id`` (registered as a waiter of this lock) wait for itself? The chain, else None.
+
+        Walks "S waits for the holder of a lock whose waiters include S" from this
+        lock's holder; reaching ``saga_id`` again is a deadlock. The walk reads
+        committed waiters only: of two sagas closing a cycle at the same moment the
+        later one always sees the other's registration (both may, then both give way).
+        """
+        me = oid(saga_id)
+        held = await resilient(lambda: self.locks.find_one({"bucket": bucket, "key": key}, {"saga": 1}), "read lock")
+        if held is None or held["saga"] == me:
+            return None
+        chain: list[Any] = [held["saga"]]
+        seen = {held["saga"]}
+        frontier = {held["saga"]}
+        for _ in range(max_hops):
+            locks = [d async for d in self.locks.find({"waiters": {"$in": list(frontier)}}, {"saga": 1})]
+            holders = {d["saga"] for d in locks}
+            if me in holders:
+                return [str(s) for s in chain]
+            frontier = {h for h in holders if h not in seen and not (await self._holder_ended(None, h))[0]}
+            if not frontier:
+                return None
+            seen |= frontier
+            chain.extend(sorted(frontier))
+        return None
 
     async def locks_of(self, saga_id: str) -> list[dict[str, Any]]:
         return [d async for d in self.locks.find({"saga": oid(saga_id)})]

@@ -252,3 +252,30 @@ def _lock_job(name: str, on_conflict: str, *, first: bool) -> Job:
 
 lock_wait = _lock_job("test:lock-wait", "wait", first=True)
 lock_fail = _lock_job("test:lock-fail", "fail", first=False)
+
+
+# two locks in two steps, in the order the payload gives: two such sagas in opposite orders deadlock
+class TwoLocks(FlowKnobs):
+    first: str = "k-1"
+    second: str = "k-2"
+
+
+def _two_locks_job() -> Job:
+    from orchestration import Lock
+
+    job: Job[TwoLocks] = Job("test:lock-two", payload=TwoLocks, ttl=120)
+    for name, key in (("a", lambda ctx: ctx.payload.first), ("b", lambda ctx: ctx.payload.second)):
+
+        async def run(ctx: StepContext[TwoLocks], _name: str = name) -> dict:
+            return await _behave(ctx, _name)
+
+        async def undo(ctx: StepContext[TwoLocks], result: dict | None, _name: str = name) -> dict:
+            return await _undo(ctx, _name, result)
+
+        step = job.step(bucket="test.accounts", action="update", name=name, retry=RetryPolicy(attempts=2, backoff=0.01),
+                        timeout=30, lock=Lock(keys=key, on_conflict="wait"))(run)  # fmt: skip
+        step.compensation(undo)
+    return job
+
+
+lock_two = _two_locks_job()

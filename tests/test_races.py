@@ -293,3 +293,32 @@ async def test_a_step_raising_one_of_essentials_own_errors_fails_its_attempt(run
     assert done.state == SagaState.COMPLETED, done.error
     (stage_b,) = await store.stages(saga.id)
     assert stage_b.meta.retry_count == 2 and "IllegalTransition" in stage_b.meta.errors[0]
+
+
+async def test_two_sagas_locking_in_opposite_orders_do_not_wait_for_each_other_until_their_ttl(
+    client: Any, store: Any, mongo: Any
+) -> None:
+    """X holds A and wants B; Y holds B and wants A. One of them must give way (it is refused and
+    compensates, releasing its lock); before, both waited until their TTL aborted them."""
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    tag = f"{datetime.now(timezone.utc).timestamp()}"
+    a, b = f"acct-a-{tag}", f"acct-b-{tag}"
+    gates = {"x": f"x-{tag}", "y": f"y-{tag}"}
+    x = await call(client.start, "test:lock-two", {"first": a, "second": b, "gate": {"a": gates["x"]}})
+    y = await call(client.start, "test:lock-two", {"first": b, "second": a, "gate": {"a": gates["y"]}})
+    calls = mongo[JOBS_DB].calls
+
+    async def both_hold_their_first_lock() -> bool:
+        return await calls.count_documents({"saga": {"$in": [x, y]}, "step": "a"}) == 2
+
+    await poll(both_hold_their_first_lock, timeout=60, what="X and Y in step a, each holding its first lock")
+    await mongo[JOBS_DB].gates.insert_many([{"_id": gates["x"]}, {"_id": gates["y"]}])
+    ended = [await call(client.wait, saga_id, 60) for saga_id in (x, y)]
+    states = sorted(s.state.value for s in ended)
+    assert states == ["aborted", "completed"], [(s.state, s.error) for s in ended]
+    victim = next(s for s in ended if s.state == SagaState.ABORTED)
+    assert "deadlock" in (victim.error or ""), victim.error
+    assert await store.locks.count_documents({"key": {"$in": [a, b]}}) == 0
