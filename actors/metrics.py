@@ -331,6 +331,11 @@ def saga_parked(job: str) -> None:
     apply([("essential_sagas_parked", 1.0, {"job": job})])
 
 
+def saga_expired(saga: Saga) -> None:
+    """An abort decided outside a runner (a queued saga's TTL ran out before admission)."""
+    apply(state_points(saga, SagaState.ABORTED))
+
+
 def dead_lettered(topic: str, code: str) -> None:
     apply([("essential_dead_letters", 1.0, {"topic": topic, "code": code})])
 

@@ -26,6 +26,8 @@ from .settings import Settings
 log = logging.getLogger("essential.placement")
 
 ABORT_NOTICE_TIMEOUT = 2.0
+#: how long a saga's actor or host may take to answer before it counts as hung
+PING_TIMEOUT = 10.0
 
 
 class Placement:
@@ -100,6 +102,26 @@ class Placement:
             await asyncio.wait_for(ref, timeout=ABORT_NOTICE_TIMEOUT)
         except (ray.exceptions.RayActorError, asyncio.TimeoutError):
             pass
+
+    async def responsive(self, saga_id: str, job: str, timeout: float = PING_TIMEOUT) -> bool:
+        """Does whatever runs the saga answer within ``timeout``? A blocked event loop does not."""
+        try:
+            if self.is_shared(job):
+                index = self.index_of(saga_id)
+                if index is None:
+                    return True  # not placed by this supervisor yet: nothing to judge
+                ref = self._host_for(saga_id).sagas.remote()
+            else:
+                handle = await asyncio.to_thread(self._dedicated_handle, saga_id)
+                if handle is None:
+                    return True  # gone: the orphan path restores it
+                ref = handle.ping.remote()
+            await asyncio.wait_for(ref, timeout=timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        except ray.exceptions.RayActorError:
+            return True  # dead, not hung: the orphan path restores it
 
     def replace(self, saga_id: str, job: str) -> None:
         """Kill whatever runs the saga (a step that ignores cancellation); it is then restored."""

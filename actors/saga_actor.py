@@ -59,6 +59,10 @@ class SagaActor:
     async def pid(self) -> int:
         return os.getpid()
 
+    async def ping(self) -> bool:
+        """Answers only while this process's event loop runs: how the supervisor tells a hung actor."""
+        return True
+
     # -- issue 5: a recorded saga's add/commit/abort, decided by its runner in this actor --------
     async def recorded(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         from .recorded import dispatch

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     supervisor_interval: float = Field(2.0, gt=0, description="seconds between supervisor sweeps")
     max_restore_attempts: int = Field(5, ge=1, description="restores without progress before a saga is parked")
     ttl_grace: float = Field(10.0, ge=0, description="seconds past TTL before a hung saga actor is killed")
+    hung_after: float = Field(
+        60.0, gt=0,
+        description=(
+            "seconds a compensating saga may go without progress before the supervisor asks its actor to answer; "
+            "one that does not (a compensation blocking its process) is replaced and the saga restored"
+        ),
+    )  # fmt: skip
     retention: float = Field(7 * 24 * 3600, gt=0, description="seconds terminal sagas keep stage payloads")
     fold_checkpoints: bool = Field(
         True, description="fold a step's result checkpoint into the next step's write-ahead: one transaction per step"
@@ -132,6 +139,17 @@ class Settings(BaseSettings):
         30.0, ge=0, description="seconds an HTTP/client abort waits for the compensation before answering"
     )
     recorded_undo_pause: float = Field(0.0, ge=0, description="pause before each undo (demos and fault tests)")
+    recorded_databases: str = Field(
+        "*",
+        description=(
+            "databases a recorded bucket may resolve to: comma-separated names or glob patterns (shop,billing_*) "
+            "or a JSON list; '*' is every database but those never allowed whatever this says: Essential's own "
+            "(ESSENTIAL_DATABASE), admin, local, config, and any database holding an Essential deployment's sagas"
+        ),
+    )
+    recorded_cache_size: int = Field(
+        10_000, ge=1, description="open recorded sagas whose actor handle and job the supervisor caches (LRU, 10 min idle)"
+    )
     http_host: str = Field("127.0.0.1", description="address the HTTP API (Ray Serve) binds to")
     http_port: int = Field(8780, description="port of the HTTP API")
     http_token: str | None = Field(

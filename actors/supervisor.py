@@ -253,6 +253,21 @@ class Supervisor:
                 alive.discard(saga.id)
                 counts["killed"] += 1
 
+        for saga in active.values():
+            if (
+                saga.state == SagaState.COMPENSATING
+                and saga.id in alive
+                and (now - saga.updatedAt).total_seconds() > conf.hung_after
+                and self._killed.get(saga.id) != saga.lease.epoch
+                and not await place.responsive(saga.id, saga.job)
+            ):
+                # a compensation blocking its process (it has no TTL to cut it): replace it, once per
+                # lease; the restored runner re-runs the open compensation under the same key
+                self._killed[saga.id] = saga.lease.epoch
+                await asyncio.to_thread(place.replace, saga.id, saga.job)
+                alive.discard(saga.id)
+                counts["killed"] += 1
+
         for saga_id, saga in active.items():
             if saga_id in alive:
                 (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga_id)
@@ -274,6 +289,9 @@ class Supervisor:
         for saga in pending:
             if saga.id in running:
                 (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga.id)
+                continue
+            if saga.deadline <= now:  # its TTL ran out while it queued: it ends without running
+                counts["expired"] += await self._expire_pending(saga)
                 continue
             if not place.has_room(saga.job):
                 self._backlog = True
@@ -307,6 +325,25 @@ class Supervisor:
         self.placement.forget(gone)
         for sid in gone:
             self._killed.pop(sid, None)
+
+    async def _expire_pending(self, saga: Saga) -> int:
+        """A pending saga past its TTL: aborted under a lease of its own (it has no stages to undo)."""
+        rt = await self._rt()
+        leased = await rt.store.acquire_lease(saga.id, "supervisor")
+        if leased.state != SagaState.PENDING:  # a runner got there first
+            await rt.store.release(saga.id)
+            return 0
+        reason = f"ttl of {leased.ttl:g}s expired before the saga was admitted"
+        event = Event(
+            type=EventType.ABORTED, saga=leased.id, job=leased.job, state=SagaState.ABORTED, at=self.clock.now(),
+            correlation_id=leased.correlation_id, traceparent=leased.traceparent, data={"reason": reason},
+        )  # fmt: skip
+        now = self.clock.now()
+        fields = {"state": SagaState.ABORTED, "error": reason, "aborted_at": now, "updatedAt": now}
+        await rt.store.transition(saga.id, leased.lease.epoch, fields, [event])
+        metrics.saga_expired(leased.model_copy(update={"updatedAt": now}))
+        log.warning("saga %s: %s", saga.id, reason)
+        return 1
 
     async def _park(self, saga_id: str, reason: str) -> None:
         """Needs a person: fenced like any writer, so a late actor cannot undo it."""

@@ -27,6 +27,10 @@ class Knobs(BaseModel):
     gate: dict[str, str] = Field(
         default_factory=dict, description="a step waits until the test inserts this _id into the gates collection"
     )
+    block_undo: dict[str, str] = Field(
+        default_factory=dict,
+        description="a compensation blocks its event loop (ignores cancellation) until this gate _id exists",
+    )
     tag: str = ""
 
 
@@ -60,9 +64,21 @@ async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
     return {"step": step, "key": ctx.idempotency_key}
 
 
+def _block_until_gate(gate: str) -> None:
+    """Hold the whole process (its event loop included) until the test opens ``gate``: a hung participant."""
+    from pymongo import MongoClient
+
+    with MongoClient(os.environ["ESSENTIAL_MONGODB_URI"]) as sync:
+        gates = sync[os.environ.get("ESSENTIAL_TEST_DB", "essential_testjobs")].gates
+        while gates.find_one({"_id": gate}) is None:
+            time.sleep(0.1)
+
+
 async def _undo(ctx: StepContext[Knobs], step: str, result: dict | None) -> dict:
     db = _db()
     await db.calls.insert_one({"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "undo"})
+    if ctx.payload.block_undo.get(step):
+        _block_until_gate(ctx.payload.block_undo[step])
     delay = ctx.payload.sleep.get(f"undo_{step}", 0)
     if delay:
         await asyncio.sleep(delay)

@@ -322,3 +322,56 @@ async def test_two_sagas_locking_in_opposite_orders_do_not_wait_for_each_other_u
     victim = next(s for s in ended if s.state == SagaState.ABORTED)
     assert "deadlock" in (victim.error or ""), victim.error
     assert await store.locks.count_documents({"key": {"$in": [a, b]}}) == 0
+
+
+# --------------------------------------------------------------------------- what the sweep must cut
+async def test_a_compensation_that_blocks_its_process_is_cut_and_restored(deployment: Any, mongo: Any) -> None:
+    """The undo of b blocks its actor's event loop (synchronous code ignoring its timeout). Only
+    running sagas past their TTL were ever replaced; this saga stayed compensating for ever."""
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    client, store = await deployment("essential_hung", hung_after=2.0)
+    gate = f"hung-{datetime.now(timezone.utc).timestamp()}"
+    saga_id = await call(client.start, "test:chain", {"fail_at": "c", "block_undo": {"b": gate}})
+    undos = mongo[JOBS_DB].calls
+
+    async def undo_b_ran_twice() -> bool:
+        return await undos.count_documents({"saga": saga_id, "step": "b", "kind": "undo"}) >= 2
+
+    try:
+        await poll(undo_b_ran_twice, timeout=90, what="the hung compensation cut and run again")
+    finally:
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    done = await call(client.wait, saga_id, 90)
+    assert done.state == SagaState.ABORTED, (done.state, done.error, done.parked_reason)
+    assert done.lease.epoch >= 2, "a new lease took over from the blocked runner"
+    assert [s.compensates for s in await store.stages(saga_id) if s.action == Action.COMPENSATE] == [2, 1]
+
+
+async def test_a_pending_saga_past_its_ttl_is_aborted_without_waiting_for_admission(
+    deployment: Any, mongo: Any
+) -> None:
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    client, store = await deployment("essential_pending_ttl", max_live_sagas=1)
+    gate = f"slot-{datetime.now(timezone.utc).timestamp()}"
+    holder = await call(client.start, "test:chain", {"gate": {"a": gate}})
+    await poll(lambda: mongo[JOBS_DB].calls.find_one({"saga": holder, "step": "a"}), timeout=60, what="holder at a")
+    queued = await call(client.start, "test:chain", {}, ttl=2.0)
+    assert (await store.get(queued)).state == SagaState.PENDING
+
+    async def expired() -> bool:
+        return (await store.get(queued)).state == SagaState.ABORTED
+
+    try:
+        await poll(expired, timeout=30, what="the queued saga's TTL to end it while the slot is still taken")
+    finally:
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    saga = await store.get(queued)
+    assert "ttl of 2s expired" in (saga.error or "") and await store.stages(queued) == []
+    assert [e["topic"] for e in await store.outbox_for(queued)] == ["saga.started", "saga.aborted"]
+    assert (await call(client.wait, holder, 60)).state == SagaState.COMPLETED
