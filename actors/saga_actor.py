@@ -6,6 +6,7 @@ operators find it in the dashboard, and so creating it twice is impossible.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -20,8 +21,21 @@ def actor_name(saga_id: str) -> str:
     return f"saga:{saga_id}"
 
 
+#: after its saga ends, how long an actor waits for the supervisor's ``run()`` call before leaving by itself
+LOST_RUN_CALL_GRACE = 5.0
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
 class SagaActor:
+    """Drives its saga from the moment it exists.
+
+    Why not on a ``run()`` call: the supervisor that creates the actor may die before
+    its call is delivered, and an idle actor under the saga's name would count as a
+    running saga for ever. The constructor starts the saga; ``run()`` (sent right
+    after creation) waits for it and then ends the actor. If that call never came,
+    the actor ends itself once its saga is done.
+    """
+
     def __init__(self, saga_id: str, job: str, settings: dict[str, Any], orchestrated: bool = False) -> None:
         self.saga_id = saga_id
         self.orchestrated = orchestrated
@@ -29,23 +43,29 @@ class SagaActor:
         self.settings = settings
         self._runners: dict[str, SagaRunner] = {}
         self._pending_aborts: dict[str, str] = {}
-        self._started = False
+        self._run_called = False
+        self._driving = asyncio.get_running_loop().create_task(self._drive())
 
     def __repr__(self) -> str:
         # Ray captures this once: it is the dashboard label and the log prefix.
         return f"SagaActor(saga={self.saga_id}, job={self.job})"
 
-    async def run(self) -> str:
-        """Drive the saga to a terminal (or parked) state, then leave the cluster."""
-        if self._started:
-            return "already running"
-        self._started = True
+    async def _drive(self) -> None:
         # forward_metrics: this process lives for one saga; its points go to the long-lived metrics actor
         saga = await drive(
             self.saga_id, self.settings, self._runners, self._pending_aborts,
             where=actor_name(self.saga_id), forward_metrics=True, orchestrated=self.orchestrated,
         )  # fmt: skip
         EndNotice(self.settings.get("namespace", "essential")).send(self.saga_id, saga)
+        if not self._run_called:
+            await asyncio.sleep(LOST_RUN_CALL_GRACE)
+            if not self._run_called:  # its launcher died before asking: nobody will end this actor
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    async def run(self) -> str:
+        """Wait until the saga is terminal (or parked, or handed on), then leave the cluster."""
+        self._run_called = True
+        await asyncio.shield(self._driving)
         ray.actor.exit_actor()
         return "exited"  # not reached: exit_actor raises
 

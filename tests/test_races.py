@@ -375,3 +375,41 @@ async def test_a_pending_saga_past_its_ttl_is_aborted_without_waiting_for_admiss
     assert "ttl of 2s expired" in (saga.error or "") and await store.stages(queued) == []
     assert [e["topic"] for e in await store.outbox_for(queued)] == ["saga.started", "saga.aborted"]
     assert (await call(client.wait, holder, 60)).state == SagaState.COMPLETED
+
+
+async def test_a_saga_actor_created_without_its_run_call_still_drives_its_saga(client: Any, store: Any) -> None:
+    """The supervisor creates `saga:<id>`, then sends `run()`; killed in between, the call was lost and
+    the idle actor counted as a running saga for ever (sagas stuck `pending` after a kill storm)."""
+    import ray
+
+    from actors.saga_actor import SagaActor, actor_name
+    from actors.settings import get_settings
+
+    registry = JobRegistry.from_modules(["tests.jobs"])
+    settings = client.settings.model_dump(mode="json")
+    for _ in range(5):  # the supervisor may admit the saga first; then try another
+        saga, event = build_saga(StartRequest(job="test:chain", payload={}), registry, SystemClock())
+        await store.create(saga, event)
+        try:
+            SagaActor.options(name=actor_name(saga.id), namespace=get_settings().namespace,
+                              lifetime="detached").remote(saga.id, saga.job, settings)  # fmt: skip
+        except ValueError:
+            continue  # the supervisor's own launch won the name
+        break
+    else:
+        pytest.fail("the supervisor launched every saga before the test could")
+    from tests.test_saga_runtime import call
+
+    done = await call(client.wait, saga.id, 60)
+    assert done.state == SagaState.COMPLETED, done.state
+
+    from .conftest import poll
+
+    def actor_gone() -> bool:
+        try:
+            ray.get_actor(actor_name(saga.id), namespace=get_settings().namespace)
+            return False
+        except ValueError:
+            return True
+
+    await poll(actor_gone, timeout=30, what="the actor to leave once its saga ended")
