@@ -9,76 +9,71 @@ GET      /essential/sagas/{id}/abort       ``{"data": saga}`` once compensated (
 GET      /essential/sagas/{id}/commit      ``{"data": saga}``
 POST     /essential/sagas/{id}/signal      ``{"data": saga, "delivered": bool}`` (body ``{"name", "payload", "key"}``)
 GET      /essential/sagas/{id}             ``{"data": saga}``
-GET      /essential/sagas                  ``{"items": [saga, ...]}``
+GET      /essential/sagas                  ``{"items": [saga, ...]}`` (+ ``"unreadable"`` when a stored one is corrupt)
 GET      /essential/sagas/count            ``{"total": n}``
 GET      /essential/saga-stages            ``{"items": [stage, ...]}``
-POST     /essential/sagas/{id}/signal      ``{"data": saga, "delivered": bool}`` (any saga; issue 9)
 GET      /essential/health                 ``{"ok": true}`` (no token needed)
 =======  ================================  =========================================
 
 Filters arrive the way the platform's clients send them - nested query
 parameters (``query[state]=running``, ``query[createdAt][$gte]=2025-01-01``) -
-or plain (``state=running``, ``since=...``).  Every request but ``health``
-needs ``Authorization: Bearer <token>`` (401 otherwise).  Errors are
-``{"statusCode", "error", "type", "message", "fields": [{"field", "reason"}]}``:
-400 for a malformed request (the message names the field), 404 for an unknown
-saga, 409 for a transition the saga's state forbids, 413 for a body over
-``ESSENTIAL_HTTP_MAX_BODY_BYTES``, 503 when Essential cannot answer now.
-Bodies may use MongoDB Extended JSON (``{"$oid": ...}``) so recorded documents
-keep their BSON types.  The replicas reach the supervisor through a Ray handle.
+or plain (``state=running``, ``since=...``); only the filters named here are
+accepted, and a value is a value (``query[job][$ne]=x`` is refused, never passed on).
+Every request but ``health`` needs ``Authorization: Bearer <token>`` (401
+otherwise; a token anywhere else does not count).  Bodies are JSON objects
+(``Content-Type: application/json``, UTF-8, no duplicate keys, no NaN) and may
+use MongoDB Extended JSON (``{"$oid": ...}``) so recorded documents keep their
+BSON types.  Every refusal is an envelope of :mod:`actors.http_errors`, whose
+table says which status means what.  The replicas reach the supervisor through
+a Ray handle.
 """
 # no ``from __future__ import annotations``: Serve pickles the routes, and FastAPI must see real types
 import asyncio
 import hmac
+import json
 import logging
+import math
 import os
 import re
 import secrets
-from datetime import datetime, timezone
-from http import HTTPStatus
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import ray
 from bson import json_util
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
 
 from orchestration.recorded import InvalidField
+from orchestration.signals import SignalRequest
 from orchestration.states import SagaState
+from orchestration.storable import MAX_DEPTH, depth_exceeds
 
+from . import http_errors
+from .http_errors import HttpError, bad, error_response, from_reply, internal, unavailable
 from .settings import Settings
 
 log = logging.getLogger("essential.http")
 
 API = FastAPI(title="Essential recorded sagas", docs_url=None, redoc_url=None, openapi_url=None)
+http_errors.install(API)
 _EJSON = json_util.RELAXED_JSON_OPTIONS.with_options(tz_aware=True, tzinfo=timezone.utc)
-STATUS = {
-    "SagaNotFound": 404, "IllegalTransition": 409, "InvalidField": 400, "InvalidRequest": 400,
-    "InvalidPayload": 400, "UnknownJob": 400, "TooManyOpenSagas": 503,
-}  # fmt: skip
 MAX_LIMIT = 1000
+MAX_SKIP = 10**9
+#: longest filter value (job, correlation id, bucket ...)
+MAX_TEXT = 200
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, type_: str, message: str, fields: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        self.status, self.type, self.message, self.fields, self.headers = status, type_, message, fields, headers
-        super().__init__(message)
-
-
-def bad(field: str, reason: str) -> HttpError:
-    return HttpError(400, "InvalidField", f"{field}: {reason}", [{"field": field, "reason": reason}])
-
-
-def error_response(exc: HttpError) -> JSONResponse:
-    body: dict[str, Any] = {
-        "statusCode": exc.status, "error": HTTPStatus(exc.status).phrase, "type": exc.type, "message": exc.message,
-    }  # fmt: skip
-    if exc.fields:
-        body["fields"] = exc.fields
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+_SAGA_ID = re.compile(r"[0-9a-fA-F]{24}")
+_WHOLE = re.compile(r"[+-]?[0-9]{1,20}")
+_EPOCH_MS = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_FIRST = datetime(1, 1, 1, tzinfo=timezone.utc)
+_LAST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=timezone.utc)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 # -- query strings as the platform's clients send them ----------------------------------------------
@@ -88,8 +83,9 @@ def nested_query(items: list[tuple[str, str]]) -> dict[str, Any]:
     ``key[]=a&key[]=b`` and a repeated key make a list.
     """
     out: dict[str, Any] = {}
-    for raw, value in items:
-        match = _KEY.match(raw)
+    for name, value in items:
+        raw = name[:100]  # as the errors name it
+        match = _KEY.match(name)
         if not match:
             raise bad(raw, "malformed parameter name")
         path = [match.group(1), *re.findall(r"\[([^\[\]]*)\]", match.group(2))]
@@ -119,20 +115,46 @@ def _flatten(params: dict[str, Any]) -> dict[str, Any]:
     for wrapper in ("query", "filter"):
         inner = params.get(wrapper)
         if isinstance(inner, dict):
+            for name in inner:
+                if name in flat:
+                    raise bad(name, f"given both as {wrapper}[{name}] and otherwise; give it once")
             flat.update(inner)
         elif inner is not None:
             raise bad(wrapper, "expected query[<field>]=<value>")
     return flat
 
 
+def _one(field: str, value: Any) -> str:
+    """The one text value of a parameter: a repeated one or an operator object is refused."""
+    if isinstance(value, list):
+        raise bad(field, "given more than once; give one value")
+    if isinstance(value, dict):
+        raise bad(field, "operators are not accepted here; give one value")
+    return str(value)
+
+
 def _when(field: str, value: Any) -> datetime:
-    if isinstance(value, str) and re.fullmatch(r"-?\d+(\.\d+)?", value.strip()):
-        return datetime.fromtimestamp(float(value) / 1000, tz=timezone.utc)  # epoch milliseconds
+    """ISO 8601 (UTC unless it says otherwise) or epoch milliseconds, within years 1 to 9999 UTC."""
+    text = _one(field, value).strip()
+    out_of_range = f"{text[:40]!r} is out of range (dates run from year 1 to 9999 UTC)"
+    if _EPOCH_MS.fullmatch(text):  # epoch milliseconds
+        try:
+            ms = Decimal(text)
+        except InvalidOperation:
+            raise bad(field, f"not a date: {text[:40]!r}") from None
+        if not (_FIRST - _EPOCH) / timedelta(milliseconds=1) <= ms <= (_LAST - _EPOCH) / timedelta(milliseconds=1):
+            raise bad(field, out_of_range)
+        return _EPOCH + timedelta(milliseconds=float(ms))
     try:
-        parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise bad(field, f"not a date: {value!r} (ISO 8601 or epoch milliseconds)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        raise bad(field, f"not a date: {text[:40]!r} (ISO 8601 or epoch milliseconds)") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise bad(field, out_of_range) from None
 
 
 _RANGE = {"$gte": "$gte", "gte": "$gte", "from": "$gte", "$gt": "$gt", "gt": "$gt",
@@ -151,26 +173,30 @@ def _range(field: str, value: Any) -> dict[str, datetime]:
 
 
 def _int(field: str, value: Any, default: int, low: int, high: int) -> int:
+    """A whole number in ASCII digits (``int()`` alone would read ``"1_0"`` or Arabic-Indic digits)."""
     if value is None:
         return default
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise bad(field, f"not a whole number: {value!r}") from None
+    text = _one(field, value).strip()
+    if not _WHOLE.fullmatch(text):
+        raise bad(field, f"not a whole number between {low} and {high}: {text[:40]!r}")
+    number = int(text)
     if not low <= number <= high:
         raise bad(field, f"must be between {low} and {high}")
     return number
 
 
 def _text(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
+    text = _one(field, value)
+    if not text:
         raise bad(field, "expected one non-empty value")
-    return value
+    if len(text) > MAX_TEXT or "\x00" in text:
+        raise bad(field, f"at most {MAX_TEXT} characters, no NUL")
+    return text
 
 
 def paging(params: dict[str, Any], default_limit: int) -> tuple[int, int]:
     limit = _int("limit", params.pop("limit", None), default_limit, 1, MAX_LIMIT)
-    skip = _int("skip", params.pop("skip", params.pop("offset", None)), 0, 0, 10**9)
+    skip = _int("skip", params.pop("skip", params.pop("offset", None)), 0, 0, MAX_SKIP)
     return limit, skip
 
 
@@ -181,12 +207,15 @@ def saga_filters(params: dict[str, Any]) -> dict[str, Any]:
     for name, value in params.items():
         if name == "state":
             if isinstance(value, dict):
+                other = sorted(set(value) - {"$in", "in"})
+                if other:
+                    raise bad(f"state.{other[0]}", "use state=<state>, state=<a>,<b> or state[$in][]=<state>")
                 value = value.get("$in", value.get("in"))
-            states = value if isinstance(value, list) else str(value).split(",")
-            states = [s.strip() for s in states if s and s.strip()]
+            states = value if isinstance(value, list) else _one("state", value).split(",")
+            states = [_one("state", s).strip() for s in states if s and _one("state", s).strip()]
             for s in states:
                 if s not in known:
-                    raise bad("state", f"unknown state {s!r}; use one of: {', '.join(sorted(known))}")
+                    raise bad("state", f"unknown state {s[:40]!r}; use one of: {', '.join(sorted(known))}")
             filters["state"] = states
         elif name in ("job", "correlation_id", "kind"):
             filters[name] = _text(name, value)
@@ -209,20 +238,98 @@ def stage_filters(params: dict[str, Any]) -> dict[str, Any]:
             filters[name] = _text(name, value)
         else:
             raise bad(name, "unknown filter; use saga, bucket, action, status")
-    if "saga" in filters and not re.fullmatch(r"[0-9a-f]{24}", filters["saga"]):
-        raise bad("saga", "not a saga id (24 hex digits)")
+    if "saga" in filters:
+        filters["saga"] = saga_id_of(filters["saga"], "saga")
     return filters
 
 
+def saga_id_of(value: str, field: str = "id") -> str:
+    """A saga id as stored (24 lower-case hex digits), or a 400 naming the field."""
+    if not _SAGA_ID.fullmatch(value):
+        raise bad(field, f"not a saga id (24 hex digits): {value[:40]!r}")
+    return value.lower()
+
+
+# -- bodies --------------------------------------------------------------------------------------------
+class _Duplicate(ValueError):
+    pass
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> Any:
+    """An object of the body: duplicate keys refused (parsers disagree on which one wins)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen.add(key)
+    return json_util.object_pairs_hook(pairs, _EJSON)
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return number
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The path of a string (or key) that UTF-8 - and so BSON - cannot encode, else None (iterative)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "<body>"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.extend([(key, path or "<body>"), (child, f"{path}.{key}".lstrip("."))])
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}.{i}".lstrip(".")) for i, child in enumerate(item))
+    return None
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """A JSON object (MongoDB Extended JSON accepted), or a 400 naming the body."""
+    """A JSON object (MongoDB Extended JSON accepted), or a 400 naming the body or the field."""
     try:
-        data = json_util.loads(raw, json_options=_EJSON)
-    except Exception as exc:  # noqa: BLE001 - JSON, Extended JSON and encoding errors alike
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad("<body>", f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_finite)
+    except RecursionError:
+        raise bad("<body>", f"nested deeper than {MAX_DEPTH} levels") from None
+    except _Duplicate as exc:
+        raise bad("<body>", f"the key {str(exc)[:80]!r} is given twice in one object") from None
+    except Exception as exc:  # noqa: BLE001 - JSON and Extended JSON errors alike
         raise bad("<body>", f"not valid JSON: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise bad("<body>", f"expected a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise bad("<body>", f"{where}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text")
+    for key, value in data.items():
+        if depth_exceeds(value, MAX_DEPTH):
+            raise bad(key, f"nested deeper than {MAX_DEPTH} levels")
     return data
+
+
+def check_content_type(value: str | None) -> None:
+    """``application/json`` (or ``…+json``), UTF-8 if a charset is given; anything else is a 400."""
+    media, _, rest = (value or "").partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise bad("content-type", f"{media or 'none given'}: send the body as application/json")
+    for param in rest.split(";"):
+        name, _, charset = param.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise bad("content-type", f"charset {charset.strip()[:40]}: JSON bodies are UTF-8")
 
 
 # -- the token -----------------------------------------------------------------------------------------
@@ -270,15 +377,19 @@ class HttpApi:
         return self._supervisor
 
     def _authorize(self, request: Request) -> None:
+        """The bearer token, from the Authorization header only (a URL ends up in logs and histories)."""
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-            raise HttpError(401, "Unauthorized", "a valid bearer token is required (Authorization: Bearer <token>)",
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"), self._token):
+            reason = "a valid bearer token is required (Authorization: Bearer <token>)"
+            raise HttpError(401, "Unauthorized", reason, [{"field": "Authorization", "reason": reason}],
                             headers={"WWW-Authenticate": 'Bearer realm="essential"'})  # fmt: skip
 
     async def _body(self, request: Request) -> dict[str, Any]:
+        check_content_type(request.headers.get("content-type"))
         limit = self.settings.http_max_body_bytes
-        too_large = HttpError(413, "PayloadTooLarge", f"the request body exceeds {limit} bytes")
+        reason = f"the request body exceeds {limit} bytes (ESSENTIAL_HTTP_MAX_BODY_BYTES)"
+        too_large = HttpError(413, "PayloadTooLarge", reason, [{"field": "<body>", "reason": reason}])
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -293,25 +404,31 @@ class HttpApi:
             raise bad("<body>", "a JSON object is required")
         return parse_body(raw)
 
-    async def _call(self, op: str, *args: Any, method: str = "recorded") -> dict[str, Any]:
-        """``supervisor.recorded(op, *args)`` (or another supervisor ``method``), errors as HttpError."""
+    async def _call(self, op: Any, *args: Any, method: str = "recorded") -> dict[str, Any]:
+        """``supervisor.recorded(op, *args)`` (or another supervisor ``method``), errors as HttpError.
+
+        503 only when the supervisor cannot be reached; a failure inside it is Essential's own (500).
+        """
         try:
             supervisor = await self.supervisor()
-            if method == "recorded":
-                reply = await supervisor.recorded.remote(op, *args)
-            else:
-                reply = await getattr(supervisor, method).remote(*args)
-        except Exception as exc:  # noqa: BLE001 - Ray unavailable, the supervisor restarting
+            remote = supervisor.recorded.remote(op, *args) if method == "recorded" else getattr(supervisor, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001 - Ray unavailable, the supervisor being created elsewhere
+            log.warning("supervisor not reachable for %s: %s", method if op is None else op, exc)
+            self._supervisor = None
+            raise unavailable("Essential's supervisor is not reachable right now; retry shortly") from None
+        try:
+            reply = await remote
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RaySystemError) as exc:
             log.warning("supervisor call %s failed: %s", op, exc)
             self._supervisor = None
-            raise HttpError(503, "Unavailable", "Essential's supervisor is not reachable right now; retry shortly",
-                            headers={"Retry-After": "1"}) from None  # fmt: skip
+            raise unavailable("Essential's supervisor is not reachable right now (restarting?); retry shortly") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+            log.error("supervisor %s failed: %r", method if op is None else op, cause)
+            raise internal(f"Essential failed on this request ({type(cause).__name__}); it is logged") from None
         error = reply.get("error")
         if error:
-            fields = error.get("fields")
-            status = STATUS.get(error["type"], 503)
-            raise HttpError(status, error["type"], error["message"], fields,
-                            headers={"Retry-After": "1"} if status == 503 else None)  # fmt: skip
+            raise from_reply(error)
         return reply
 
     async def _serve(self, request: Request, work: Any) -> JSONResponse:
@@ -324,6 +441,9 @@ class HttpApi:
             return error_response(exc)
         except InvalidField as exc:
             return error_response(HttpError(400, "InvalidField", str(exc), [{"field": f, "reason": r} for f, r in exc.fields]))
+        except Exception:  # noqa: BLE001 - never a bare 500 page: the envelope, and the log
+            log.exception("HTTP %s %s failed", request.method, request.url.path)
+            return error_response(internal("Essential failed on this request; it is logged"))
 
     def _params(self, request: Request) -> dict[str, Any]:
         return _flatten(nested_query(list(request.query_params.multi_items())))
@@ -358,14 +478,21 @@ class HttpApi:
 
     @API.post("/essential/sagas/{saga_id}/signal")
     async def signal(self, saga_id: str, request: Request) -> JSONResponse:
-        """Issue 9: deliver a signal (``{"name", "payload", "key"}``) to any saga; stored durably first."""
+        """Deliver a signal (``{"name", "payload", "key"}``) to any saga; stored durably first."""
 
         async def work() -> tuple[int, Any]:
+            sid = saga_id_of(saga_id)
             body = await self._body(request)
-            unknown = sorted(set(body) - {"name", "payload", "key"})
-            if unknown:
-                raise bad(unknown[0], "unknown field; a signal has name, payload and key")
-            reply = await self._call(None, saga_id, body.get("name"), body.get("payload"), body.get("key"), method="signal")
+            try:
+                signal = SignalRequest.model_validate({**body, "saga": sid})
+            except ValidationError as exc:
+                fields = [{"field": ".".join(str(p) for p in e["loc"]) or "<body>", "reason": e["msg"]} for e in exc.errors()]
+                if "saga" in body:
+                    fields.insert(0, {"field": "saga", "reason": "unknown field; a signal has name, payload and key"})
+                raise HttpError(400, "InvalidField", "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None
+            if "saga" in body:
+                raise bad("saga", "unknown field; a signal has name, payload and key")
+            reply = await self._call(None, signal.saga, signal.name, signal.payload, signal.key, method="signal")
             return 200, {"data": _doc(reply["saga"]), "delivered": reply.get("delivered")}
 
         return await self._serve(request, work)
@@ -381,8 +508,9 @@ class HttpApi:
     @API.get("/essential/sagas/{saga_id}/abort")
     async def abort(self, saga_id: str, request: Request) -> JSONResponse:
         async def work() -> tuple[int, Any]:
+            sid = saga_id_of(saga_id)
             reason = request.query_params.get("reason") or "aborted over HTTP"
-            reply = await self._call("abort", saga_id, reason[:500], None)
+            reply = await self._call("abort", sid, reason[:500], None)
             return 200, {"data": _doc(reply["saga"])}
 
         return await self._serve(request, work)
@@ -390,37 +518,17 @@ class HttpApi:
     @API.get("/essential/sagas/{saga_id}/commit")
     async def commit(self, saga_id: str, request: Request) -> JSONResponse:
         async def work() -> tuple[int, Any]:
-            return 200, {"data": _doc((await self._call("commit", saga_id))["saga"])}
-
-        return await self._serve(request, work)
-
-    @API.post("/essential/sagas/{saga_id}/signal")
-    async def signal(self, saga_id: str, request: Request) -> JSONResponse:
-        """Issue 9: deliver a signal (an approval, a callback) to an orchestrated saga; stored durably first."""
-
-        async def work() -> tuple[int, Any]:
-            body = await self._body(request)
-            if not isinstance(body.get("name"), str) or not body["name"]:
-                raise bad("name", "the signal's name is required, e.g. identity.verified")
-            try:
-                supervisor = await self.supervisor()
-                reply = await supervisor.signal.remote(saga_id, body["name"], body.get("payload"), body.get("key"))
-            except Exception as exc:  # noqa: BLE001 - Ray unavailable, the supervisor restarting
-                log.warning("supervisor call signal failed: %s", exc)
-                self._supervisor = None
-                raise HttpError(503, "Unavailable", "Essential's supervisor is not reachable right now; retry shortly",
-                                headers={"Retry-After": "1"}) from None  # fmt: skip
-            error = reply.get("error")
-            if error:
-                raise HttpError(STATUS.get(error["type"], 503), error["type"], error["message"])
-            return 200, {"data": _doc(reply["saga"]), "delivered": reply["delivered"]}
+            return 200, {"data": _doc((await self._call("commit", saga_id_of(saga_id)))["saga"])}
 
         return await self._serve(request, work)
 
     @API.get("/essential/sagas/{saga_id}")
     async def get(self, saga_id: str, request: Request) -> JSONResponse:
         async def work() -> tuple[int, Any]:
-            return 200, {"data": _doc((await self._call("get", saga_id))["saga"])}
+            if saga_id in ("start", "add"):  # the POST routes, asked with GET
+                raise HttpError(405, "MethodNotAllowed", f"GET /essential/sagas/{saga_id} is not allowed; it takes POST",
+                                headers={"Allow": "POST"})  # fmt: skip
+            return 200, {"data": _doc((await self._call("get", saga_id_of(saga_id)))["saga"])}
 
         return await self._serve(request, work)
 
@@ -430,7 +538,10 @@ class HttpApi:
             params = self._params(request)
             limit, skip = paging(params, 50)
             reply = await self._call("list", saga_filters(params), limit, skip)
-            return 200, {"items": [_doc(s) for s in reply["sagas"]]}
+            body: dict[str, Any] = {"items": [_doc(s) for s in reply["sagas"]]}
+            if reply.get("unreadable"):
+                body["unreadable"] = reply["unreadable"]  # stored documents Essential cannot read, named
+            return 200, body
 
         return await self._serve(request, work)
 
@@ -440,7 +551,10 @@ class HttpApi:
             params = self._params(request)
             limit, skip = paging(params, 200)
             reply = await self._call("stage_list", stage_filters(params), limit, skip)
-            return 200, {"items": reply["stages"]}
+            body: dict[str, Any] = {"items": reply["stages"]}
+            if reply.get("unreadable"):
+                body["unreadable"] = reply["unreadable"]
+            return 200, body
 
         return await self._serve(request, work)
 

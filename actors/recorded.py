@@ -32,8 +32,10 @@ from typing import Any
 
 import ray
 from bson import json_util
+from bson.errors import BSONError
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from pydantic import ValidationError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from orchestration import (
     EssentialError,
@@ -47,20 +49,28 @@ from orchestration import (
     StageMeta,
     SystemClock,
 )
-from orchestration.errors import AbortPending, rebuild_error
+from orchestration.errors import AbortPending, IdempotencyKeyReused, rebuild_error
 from orchestration.recorded import (
     RECORDED,
     AddStage,
+    BucketRoute,
+    CorruptDocument,
     Inverse,
     InvalidField,
+    SagaIdReused,
     StartRecorded,
+    StoreUnavailable,
     TooManyOpenSagas,
     action_of,
     build_recorded,
     check,
+    check_database,
     expired_since,
+    holds_a_deployment,
     inverse_of,
+    key_reused,
     route_bucket,
+    start_differs,
     undo_plan,
 )
 from orchestration.states import TERMINAL_STATES, Action, StageStatus
@@ -76,6 +86,7 @@ from persistence.recorded_store import (
     stage_query,
 )
 
+from .expiring import ExpiringMap
 from .participant_protocol import ParticipantCommand
 from .runtime import Runtime
 
@@ -85,10 +96,14 @@ log = logging.getLogger("essential.recorded")
 REFRESH_EVERY = 2.0
 #: seconds an operation waits for the saga's runner to appear in a freshly launched actor
 ARRIVAL_TIMEOUT = 30.0
-#: open sagas whose job the supervisor remembers (their add/commit skip reading the saga)
-OPEN_CACHE = 100_000
 #: attempts at a local undo that fails (a MongoDB error that is not transient) before the saga parks
 UNDO_ATTEMPTS = 3
+#: seconds an unused entry of the supervisor's caches (actor handle, job of an open saga) is kept
+CACHE_IDLE = 600.0
+#: seconds the supervisor trusts what it learnt about a database (does it hold an Essential deployment?)
+DATABASE_CHECK_IDLE = 60.0
+#: what a value MongoDB cannot encode raises (an integer past 64 bits, a NUL in a key, a lone surrogate)
+UNSTORABLE = (BSONError, OverflowError, UnicodeEncodeError)
 
 
 def _now() -> datetime:
@@ -97,9 +112,23 @@ def _now() -> datetime:
 
 def envelope(exc: EssentialError) -> dict[str, Any]:
     error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    if isinstance(exc, InvalidField):
-        error["fields"] = [{"field": f, "reason": r} for f, r in exc.fields]
+    fields = getattr(exc, "fields", None)  # InvalidField, and the reused id/key errors
+    if fields:
+        error["fields"] = [{"field": f, "reason": r} for f, r in fields]
     return {"error": error}
+
+
+def unstorable(exc: Exception, where: str = "<request>") -> InvalidField:
+    """A value the database refused to encode, as the caller's mistake (400), not a server error."""
+    return InvalidField(where, f"MongoDB cannot store it as given: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def corrupt(what: str, exc: Exception) -> CorruptDocument:
+    if isinstance(exc, ValidationError):
+        reason = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return CorruptDocument(what, reason)
 
 
 # =============================================================================== the runner
@@ -205,6 +234,8 @@ class RecordedRunner:
             return {"moved": True}
         except EssentialError as exc:
             return envelope(exc)
+        except UNSTORABLE as exc:  # what validation let through still never reaches the caller as a crash
+            return envelope(unstorable(exc, "<stage>"))
         finally:
             self.inflight -= 1
 
@@ -213,6 +244,9 @@ class RecordedRunner:
         request = AddStage.parse(body)
         action, op = action_of(request.action)
         inverse = inverse_of(action, op, request.req, request.res, request.meta)
+        conf = self.settings
+        route = route_bucket(request.bucket, conf.recorded_buckets, conf.recorded_db_prefix)
+        check_database(route, own=conf.database, allowed=conf.recorded_databases)
         async with self._lock:
             saga = self._saga
             now = _now()
@@ -309,6 +343,10 @@ class RecordedRunner:
                 EventType.STAGE_COMPLETED, None, seq=seq, step=stage.step, bucket=stage.bucket,
                 action=Action.COMPENSATE.value, status=StageStatus.SUCCEEDED.value, compensates=fseq,
             )  # fmt: skip
+            refusal = await self._refused_route(route)
+            if refusal is not None:  # recorded before this rule, or the settings changed: a person decides
+                await self._park(f"compensation of stage {fseq} ({forward['bucket']}) refused: {refusal}")
+                return
             if route.remote:
                 ok, outcome = await self._remote_undo(forward, route.remote, inverse)
                 if not ok:
@@ -328,6 +366,19 @@ class RecordedRunner:
             {"state": SagaState.ABORTED, "aborted_at": _now()},
             [self._event(EventType.ABORTED, SagaState.ABORTED, reason=reason)],
         )
+
+    async def _refused_route(self, route: BucketRoute) -> str | None:
+        """Why this stage's inverse must not run where its bucket resolves, or None."""
+        conf = self.settings
+        try:
+            check_database(route, own=conf.database, allowed=conf.recorded_databases)
+            if route.database:
+                refusal = holds_a_deployment(route.database, await self.rstore.collection_names(route.database))
+                if refusal is not None:
+                    raise refusal
+        except InvalidField as exc:
+            return exc.fields[0][1]
+        return None
 
     async def _local_undo(self, fseq: int, doc: dict[str, Any], route: Any, inverse: Inverse, event: Event) -> str | None:
         delay = 0.2
@@ -436,17 +487,19 @@ class RecordedRunner:
 
 
 # ===================================================================== hosting (per process)
+class _Arrival:
+    """Operations waiting for a saga's runner to start in this process (a freshly launched actor)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.waiters = 0
+
+
 _live: dict[str, RecordedRunner] = {}
-_arrived: dict[str, asyncio.Event] = {}
+#: only while someone waits: an operation whose runner never arrives takes its entry with it
+_arrived: dict[str, _Arrival] = {}
 _ended: OrderedDict[str, None] = OrderedDict()
 _ENDED_KEEP = 10_000
-
-
-def _arrival(saga_id: str) -> asyncio.Event:
-    event = _arrived.get(saga_id)
-    if event is None:
-        event = _arrived[saga_id] = asyncio.Event()
-    return event
 
 
 async def is_recorded(runtime: Runtime, saga_id: str) -> bool:
@@ -464,7 +517,9 @@ async def drive_recorded(
         runner.request_abort(pending_aborts.pop(saga_id))
     _live[saga_id] = runner
     _ended.pop(saga_id, None)
-    _arrival(saga_id).set()
+    arrival = _arrived.get(saga_id)
+    if arrival is not None:
+        arrival.event.set()
     try:
         await runner.run()
     finally:
@@ -475,11 +530,27 @@ async def drive_recorded(
             await asyncio.sleep(0.01)
         if _live.get(saga_id) is runner:
             _live.pop(saga_id, None)
-            _arrived.pop(saga_id, None)
             _ended[saga_id] = None
             while len(_ended) > _ENDED_KEEP:
                 _ended.popitem(last=False)
         await runtime.store.release(saga_id)
+
+
+async def _await_arrival(saga_id: str) -> bool:
+    """Wait (up to ARRIVAL_TIMEOUT) for the saga's runner to start here; the wait leaves no trace."""
+    arrival = _arrived.get(saga_id)
+    if arrival is None:
+        arrival = _arrived[saga_id] = _Arrival()
+    arrival.waiters += 1
+    try:
+        await asyncio.wait_for(arrival.event.wait(), ARRIVAL_TIMEOUT)
+        return True
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        arrival.waiters -= 1
+        if arrival.waiters == 0 and _arrived.get(saga_id) is arrival:
+            del _arrived[saga_id]
 
 
 async def dispatch(saga_id: str, op: str, args: dict[str, Any], *, expect: bool) -> dict[str, Any]:
@@ -489,11 +560,7 @@ async def dispatch(saga_id: str, op: str, args: dict[str, Any], *, expect: bool)
     """
     runner = _live.get(saga_id)
     if runner is None:
-        if not expect or saga_id in _ended:
-            return {"moved": True}
-        try:
-            await asyncio.wait_for(_arrival(saga_id).wait(), ARRIVAL_TIMEOUT)
-        except asyncio.TimeoutError:
+        if not expect or saga_id in _ended or not await _await_arrival(saga_id):
             return {"moved": True}
         runner = _live.get(saga_id)
         if runner is None:
@@ -503,7 +570,11 @@ async def dispatch(saga_id: str, op: str, args: dict[str, Any], *, expect: bool)
 
 # ============================================================= the supervisor's side
 class RecordedService:
-    """Start, route and read recorded sagas (runs in the supervisor actor)."""
+    """Start, route and read recorded sagas (runs in the supervisor actor).
+
+    Its caches (actor handles, jobs of open sagas, what it learnt about databases) are
+    bounded in size and idle time: a saga may end where the service never hears of it.
+    """
 
     def __init__(self, runtime: Runtime, placement: Any) -> None:
         self.runtime = runtime
@@ -511,8 +582,10 @@ class RecordedService:
         self.rstore = RecordedStore(runtime.store)
         self.placement = placement
         self.clock = SystemClock()
-        self._handles: dict[str, Any] = {}
-        self._open: OrderedDict[str, str] = OrderedDict()  # saga id -> job, of sagas seen open here
+        size = self.settings.recorded_cache_size
+        self._handles: ExpiringMap[str, Any] = ExpiringMap(max_entries=size, idle=CACHE_IDLE)
+        self._open: ExpiringMap[str, str] = ExpiringMap(max_entries=size, idle=CACHE_IDLE)  # saga id -> job
+        self._databases: ExpiringMap[str, InvalidField | None] = ExpiringMap(max_entries=1000, idle=DATABASE_CHECK_IDLE)
 
     async def call(self, op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         method = {
@@ -525,22 +598,40 @@ class RecordedService:
             return await method(*args, **kwargs)
         except EssentialError as exc:
             return envelope(exc)
+        except UNSTORABLE as exc:
+            return envelope(unstorable(exc))
+        except ConnectionFailure as exc:  # resilient() rode out what it could: MongoDB is really away
+            return envelope(StoreUnavailable(f"MongoDB is not reachable right now ({type(exc).__name__}); retry shortly"))
+        except PyMongoError as exc:
+            log.warning("recorded %s failed in MongoDB: %s", op, exc)
+            return envelope(StoreUnavailable(f"MongoDB refused the operation ({type(exc).__name__}: {str(exc)[:200]})"))
+
+    def forget(self, saga_id: str) -> None:
+        """The saga ended (wherever it ended): drop what the caches hold for it."""
+        self._forget(saga_id)
 
     # -- writes ---------------------------------------------------------------------------------
     async def start(self, body: Any) -> dict[str, Any]:
         request = StartRecorded.parse(body)
-        job = request.job or self.settings.recorded_default_job
+        default_job = self.settings.recorded_default_job
+        job = request.job or default_job
         if not self.placement.has_room(job):
             raise TooManyOpenSagas(
                 f"no room for another live saga ({self.settings.max_live_sagas} live); retry shortly, or raise "
                 f"ESSENTIAL_MAX_LIVE_SAGAS / place recorded sagas shared (ESSENTIAL_SHARED_JOBS={job})"
             )
-        saga, event = build_recorded(request, self.clock, default_job=self.settings.recorded_default_job)
-        saga, created = await self.rstore.create(saga, event)
+        saga, event = build_recorded(request, self.clock, default_job=default_job)
+        stored, created, kind = await self.rstore.create(saga, event)
+        if not created:
+            differs = ["kind (an orchestrated saga)"] if kind != RECORDED else start_differs(stored, request, default_job=default_job)
+            if differs:
+                if request.id is not None and stored.id == request.id:
+                    raise SagaIdReused(stored.id, differs)
+                raise key_reused(request.idempotency_key or "", stored.id, differs)
         if created:
-            self.placement.launch(saga.id, saga.job)
-            self._remember(saga.id, saga.job)
-        out = saga.model_dump(mode="json")
+            self.placement.launch(stored.id, stored.job)
+            self._remember(stored.id, stored.job)
+        out = stored.model_dump(mode="json")
         out["kind"] = RECORDED
         return {"saga": out, "created": created}
 
@@ -553,9 +644,24 @@ class RecordedService:
             raise InvalidField("saga", f"{request.saga} differs from the saga addressed ({saga_id})")
         action, op = action_of(request.action)
         inverse_of(action, op, request.req, request.res, request.meta)  # refuse before routing
+        await self._check_bucket(request.bucket)
         stage = request.model_dump(exclude={"saga", "key"})
         given = request.key or key
         return await self._route(target, "add", {"stage": stage, "key": given or uuid.uuid4().hex, "fresh_key": not given})
+
+    async def _check_bucket(self, bucket: str) -> None:
+        """Refuse a bucket whose undo would reach Essential's own, a system or a forbidden database."""
+        conf = self.settings
+        route = route_bucket(bucket, conf.recorded_buckets, conf.recorded_db_prefix)
+        check_database(route, own=conf.database, allowed=conf.recorded_databases)
+        if route.database is None:
+            return
+        if route.database not in self._databases:
+            names = await self.rstore.collection_names(route.database)
+            self._databases[route.database] = holds_a_deployment(route.database, names)
+        refusal = self._databases.get(route.database)
+        if refusal is not None:
+            raise InvalidField("bucket", f"{bucket}: {refusal.fields[0][1]}")
 
     async def commit(self, saga_id: str) -> dict[str, Any]:
         return await self._route(saga_id, "commit", {})
@@ -566,7 +672,10 @@ class RecordedService:
 
     async def _saga(self, saga_id: str) -> tuple[dict[str, Any], Saga]:
         doc = await self.rstore.doc(saga_id)
-        saga = saga_from_doc(doc)
+        try:
+            saga = saga_from_doc(doc)
+        except (ValidationError, KeyError, TypeError) as exc:
+            raise corrupt(f"saga {saga_id}", exc) from None
         if doc.get("kind") != RECORDED:
             raise IllegalTransition(
                 f"saga {saga_id} is an orchestrated saga (job {saga.job}); add/commit apply to recorded sagas"
@@ -610,6 +719,8 @@ class RecordedService:
                     self._forget(saga_id)
                 elif "error" in reply:
                     self._open.pop(saga_id, None)  # the next operation reads the saga first
+                    if reply["error"]["type"] == IllegalTransition.__name__:  # it ended: its actor leaves
+                        self._handles.pop(saga_id, None)
                 else:
                     self._remember(saga_id, job)
                 return reply
@@ -625,9 +736,6 @@ class RecordedService:
 
     def _remember(self, saga_id: str, job: str) -> None:
         self._open[saga_id] = job
-        self._open.move_to_end(saga_id)
-        while len(self._open) > OPEN_CACHE:
-            self._open.popitem(last=False)
 
     def _forget(self, saga_id: str) -> None:
         self._handles.pop(saga_id, None)
@@ -666,15 +774,22 @@ class RecordedService:
 
     # -- reads ----------------------------------------------------------------------------------
     async def get(self, saga_id: str) -> dict[str, Any]:
-        return {"saga": saga_json(await self.rstore.doc(saga_id))}
+        doc = await self.rstore.doc(saga_id)
+        try:
+            return {"saga": saga_json(doc)}
+        except (ValidationError, KeyError, TypeError) as exc:
+            raise corrupt(f"saga {saga_id}", exc) from None
 
     async def stages(self, saga_id: str) -> dict[str, Any]:
         await self.rstore.doc(saga_id)
-        return {"stages": [stage_json(d) for d in await self.rstore.stage_docs(saga_id)]}
+        stages, unreadable = _readable(await self.rstore.stage_docs(saga_id), stage_json, "stage")
+        return {"stages": stages, **({"unreadable": unreadable} if unreadable else {})}
 
     async def list(self, filters: dict[str, Any] | None = None, limit: int = 50, skip: int = 0) -> dict[str, Any]:
+        """A page of sagas; a stored document Essential cannot read is left out and named in ``unreadable``."""
         docs = await self.rstore.find_sagas(saga_query(filters or {}), limit=limit, skip=skip)
-        return {"sagas": [saga_json(d) for d in docs]}
+        sagas, unreadable = _readable(docs, saga_json, "saga")
+        return {"sagas": sagas, **({"unreadable": unreadable} if unreadable else {})}
 
     async def count(self, filters: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"total": await self.rstore.count_sagas(saga_query(filters or {}))}
@@ -685,7 +800,22 @@ class RecordedService:
         except Exception:
             raise InvalidField("saga", "not a saga id (24 hex digits)") from None
         docs = await self.rstore.find_stages(query, limit=limit, skip=skip)
-        return {"stages": [stage_json(d) for d in docs]}
+        stages, unreadable = _readable(docs, stage_json, "stage")
+        return {"stages": stages, **({"unreadable": unreadable} if unreadable else {})}
+
+
+def _readable(docs: list[dict[str, Any]], render: Any, what: str) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Render each document; one that cannot be read is reported (and logged), never fails the listing."""
+    out, unreadable = [], []
+    for doc in docs:
+        try:
+            out.append(render(doc))
+        except (ValidationError, KeyError, TypeError, ValueError) as exc:
+            ident = str(doc.get("_id")) if what == "saga" else f"{doc.get('saga')}:{doc.get('seq')}"
+            reason = corrupt(f"{what} {ident}", exc).reason
+            log.error("%s %s: stored document cannot be read (%s); left out of the listing", what, ident, reason)
+            unreadable.append({"id": ident, "reason": reason})
+    return out, unreadable
 
 
 # ======================================================================= Kafka commands
@@ -727,13 +857,18 @@ async def apply_kafka_command(
         reply = await supervisor.recorded.remote("add", command.saga, body, command.key or key)
     if "error" in reply:
         error = reply["error"]
-        code = INVALID_COMMAND if error["type"] == "InvalidField" else ERROR_CODES.get(error["type"], REJECTED)
+        if error["type"] == StoreUnavailable.__name__:
+            unwrap(reply)  # raises: not the command's fault, so the gateway tries it again
+        invalid = ("InvalidField", IdempotencyKeyReused.__name__, SagaIdReused.__name__)
+        code = INVALID_COMMAND if error["type"] in invalid else ERROR_CODES.get(error["type"], REJECTED)
         return Rejection(code, error["message"])
     return reply["saga"]["id"] if "saga" in reply else command.saga
 
 
 # ======================================================================= the Python client
-_ERRORS: dict[str, type[EssentialError]] = {"InvalidField": InvalidField, "TooManyOpenSagas": TooManyOpenSagas}
+_ERRORS: dict[str, type[EssentialError]] = {
+    c.__name__: c for c in (InvalidField, TooManyOpenSagas, SagaIdReused, CorruptDocument, StoreUnavailable)
+}
 
 
 def unwrap(reply: dict[str, Any]) -> dict[str, Any]:
@@ -741,12 +876,17 @@ def unwrap(reply: dict[str, Any]) -> dict[str, Any]:
     if "error" not in reply:
         return reply
     error = reply["error"]
-    if error["type"] == "InvalidField" and error.get("fields"):
-        (first, *rest) = [(f["field"], f["reason"]) for f in error["fields"]]
+    fields = [(f["field"], f["reason"]) for f in error.get("fields") or []]
+    if error["type"] == "InvalidField" and fields:
+        (first, *rest) = fields
         raise InvalidField(first[0], first[1], more=rest)
-    if error["type"] in _ERRORS:
-        raise _ERRORS[error["type"]](error["message"])
-    raise rebuild_error(error["type"], error["message"])
+    cls = _ERRORS.get(error["type"])
+    exc = rebuild_error(error["type"], error["message"]) if cls is None else cls.__new__(cls)
+    if cls is not None:
+        Exception.__init__(exc, error["message"])
+    if fields:
+        exc.fields = fields  # type: ignore[attr-defined]
+    raise exc
 
 
 class RecordedClient:

@@ -14,13 +14,17 @@ action      what the stage must carry                    inverse
 ``read``    nothing                                      nothing
 =========== ============================================ ===================================
 
-This module decides *what* to undo (:func:`inverse_of`, :func:`undo_plan`) and
+This module decides *what* to undo (:func:`inverse_of`, :func:`undo_plan`),
+*where* an undo may run (:func:`check_database`: never Essential's own database
+nor ``admin``/``local``/``config``, only databases the deployment allows) and
 *whether an operation is allowed now* (:func:`check`); applying the inverse on
 MongoDB lives in ``persistence.inverse``, hosting in ``actors.recorded``.
 Values (ids, documents) pass through untouched, so BSON types survive.
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +33,9 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import storable
 from .clock import Clock
-from .errors import EssentialError, IllegalTransition, InvalidRequest
+from .errors import EssentialError, IdempotencyKeyReused, IllegalTransition, InvalidRequest
 from .models import Event, Saga
 from .states import Action, EventType, SagaState
 
@@ -79,6 +84,44 @@ class TooManyOpenSagas(EssentialError):
     """No room for another live saga (ESSENTIAL_MAX_LIVE_SAGAS): retry later, or place recorded sagas shared."""
 
 
+class SagaIdReused(IdempotencyKeyReused):
+    """A start repeated with a saga id (the service's own idempotency key) and different parameters."""
+
+    def __init__(self, saga_id: str, differs: Sequence[str]) -> None:
+        self.key = self.saga_id = saga_id
+        reason = f"already taken by a saga started with a different {', '.join(differs)}"
+        self.fields = [("id", reason)]
+        Exception.__init__(
+            self, f"saga id {saga_id} is {reason}; repeat the original request to get that saga, or choose a new id"
+        )
+
+
+def key_reused(key: str, saga_id: str, differs: Sequence[str]) -> IdempotencyKeyReused:
+    """:class:`IdempotencyKeyReused` saying which parameters of the recorded start differ."""
+    exc = IdempotencyKeyReused(key, saga_id)
+    reason = f"already used by saga {saga_id}, started with a different {', '.join(differs)}"
+    exc.fields = [("idempotency_key", reason)]  # type: ignore[attr-defined]
+    Exception.__init__(
+        exc, f"idempotency key {key!r} was {reason}; repeat the original request to get that saga, or use a new key"
+    )
+    return exc
+
+
+class CorruptDocument(EssentialError):
+    """A stored document Essential cannot read: not the caller's doing, and never silently dropped."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what, self.reason = what, reason
+        super().__init__(
+            f"{what}: its stored document cannot be read ({reason}); Essential leaves it as it is - "
+            "an operator must repair or remove it"
+        )
+
+
+class StoreUnavailable(EssentialError):
+    """MongoDB did not answer within the outage budget: Essential really cannot answer now."""
+
+
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     return [(".".join(str(p) for p in err["loc"]) or "<body>", err["msg"]) for err in exc.errors()]
 
@@ -102,12 +145,37 @@ BUCKET = r"^[A-Za-z0-9_-]{1,63}\.[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$"
 MAX_TTL = 30 * 24 * 3600.0
 
 
+def _lower_id(value: Any) -> Any:
+    """Saga ids are stored in lower case; an upper-case spelling names the same saga."""
+    return value.lower() if isinstance(value, str) else value
+
+
+def _storable(found: list[str]) -> list[tuple[str, str]]:
+    """``storable.problems`` lines (``"req.n: integer … does not fit"``) as ``(field, reason)`` pairs."""
+    pairs = []
+    for line in found:
+        where, _, reason = line.partition(": ")
+        pairs.append((where, reason or line))
+    return pairs
+
+
+def _refuse(pairs: list[tuple[str, str]]) -> None:
+    if pairs:
+        (first, *rest) = pairs
+        raise InvalidField(first[0], first[1], more=rest)
+
+
 class StartRecorded(BaseModel):
-    """``start``: open a recorded saga."""
+    """``start``: open a recorded saga.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Strict: a wrong type is the caller's mistake (``"ttl": true`` is refused, never read as 1 s).
+    """
 
-    ttl: float = Field(gt=0, le=MAX_TTL, description="seconds until the saga is aborted unless committed")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+    ttl: float = Field(
+        gt=0, le=MAX_TTL, allow_inf_nan=False, description="seconds until the saga is aborted unless committed"
+    )
     job: str | None = Field(None, min_length=1, max_length=200, description="label, e.g. order:checkout")
     correlation_id: str | None = Field(
         None, max_length=200, validation_alias=AliasChoices("correlation_id", "correlation", "correlationId")
@@ -118,15 +186,45 @@ class StartRecorded(BaseModel):
     traceparent: str | None = Field(None, max_length=200)
     id: str | None = Field(None, pattern=SAGA_ID, description="a saga id chosen by the caller (24 hex digits)")
 
+    @field_validator("id", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return _lower_id(value)
+
     @classmethod
     def parse(cls, data: Any) -> "StartRecorded":
         return _parse(cls, data)
 
 
-class AddStage(BaseModel):
-    """``add``: a stage the service performed (or read) inside the saga."""
+def start_differs(saga: Saga, request: StartRecorded, *, default_job: str = DEFAULT_JOB) -> list[str]:
+    """What a repeated start asks differently from the saga already stored under its id or key.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    A true repeat (same parameters) returns that saga; anything else reusing the id or key
+    is refused, as payment APIs do.  The traceparent is not compared: a retry may come from
+    another span of the same trace."""
+    differs = []
+    if saga.job != (request.job or default_job):
+        differs.append("job")
+    if saga.ttl != request.ttl:
+        differs.append("ttl")
+    if (saga.correlation_id or None) != (request.correlation_id or None):
+        differs.append("correlation_id")
+    if request.id is not None and request.id != saga.id:
+        differs.append("id")
+    if request.idempotency_key is not None and request.idempotency_key != saga.idempotency_key:
+        differs.append("idempotency_key")
+    return differs
+
+
+class AddStage(BaseModel):
+    """``add``: a stage the service performed (or read) inside the saga.
+
+    ``req``/``res``/``meta`` must be storable as MongoDB stores them (``storable.problems``);
+    operator keys (``$set``, ``$in``) are what a recorded call's ``req`` looks like, so only
+    ``meta`` refuses them.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     saga: str | None = Field(None, pattern=SAGA_ID, description="the saga (in the HTTP and Kafka bodies)")
     bucket: str = Field(pattern=BUCKET, description="service.collection the operation touched")
@@ -135,6 +233,11 @@ class AddStage(BaseModel):
     res: Any = None
     meta: dict[str, Any] = Field(default_factory=dict)
     key: str | None = Field(None, min_length=1, max_length=200, description="repeated adds with one key record once")
+
+    @field_validator("saga", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return _lower_id(value)
 
     @field_validator("bucket")
     @classmethod
@@ -145,7 +248,12 @@ class AddStage(BaseModel):
 
     @classmethod
     def parse(cls, data: Any) -> "AddStage":
-        return _parse(cls, data)
+        request = _parse(cls, data)
+        if isinstance(data, cls):
+            return request
+        found = storable.problems(request.req, "req", operators=True) + storable.problems(request.res, "res", operators=True)
+        _refuse(_storable(found + storable.problems(request.meta, "meta")))
+        return request
 
 
 # -- inverse operations ------------------------------------------------------------------------
@@ -198,10 +306,13 @@ def _documents(value: Any, where: str, *, need_id: bool = True) -> list[dict[str
     docs = [value] if isinstance(value, Mapping) else value
     if not isinstance(docs, (list, tuple)) or not all(isinstance(d, Mapping) for d in docs):
         raise InvalidField(where, "expected a document or a list of documents")
-    if need_id:
-        for i, doc in enumerate(docs):
-            if "_id" not in doc:
-                raise InvalidField(f"{where}[{i}]" if len(docs) > 1 else where, "the document has no _id")
+    for i, doc in enumerate(docs):
+        here = f"{where}[{i}]" if len(docs) > 1 else where
+        if need_id and "_id" not in doc:
+            raise InvalidField(here, "the document has no _id")
+        operator = next((k for k in doc if isinstance(k, str) and k.startswith("$")), None)
+        if operator is not None:
+            raise InvalidField(here, f"a document cannot have the top-level field {operator!r}; it could not be put back")
     return [dict(d) for d in docs]
 
 
@@ -242,7 +353,7 @@ def inverse_of(action: Action, op: str, req: Any, res: Any, meta: Mapping[str, A
             if res is None:
                 return Inverse(delete=delete)  # nothing matched
             if _is_document(res):
-                return Inverse(delete=delete, put=[dict(res)])  # MongoDB returns the document as it was
+                return Inverse(delete=delete, put=_documents(res, "res"))  # MongoDB returns the document as it was
         if delete:
             return Inverse(delete=delete)  # an upsert that created the document
         found, matched = _first(res, "matchedCount", "matched_count", "n")
@@ -359,6 +470,61 @@ def route_bucket(bucket: str, mapping: Mapping[str, Any] | None = None, prefix: 
             collection=str(entry.get("collection") or collection),
         )  # fmt: skip
     return BucketRoute(bucket, database=prefix + service, collection=collection)
+
+
+#: databases no recorded stage is ever undone in, whatever the deployment allows
+SYSTEM_DATABASES = ("admin", "local", "config")
+
+
+def allowed_databases(setting: str | Sequence[str]) -> list[str]:
+    """ESSENTIAL_RECORDED_DATABASES as patterns: ``"shop,billing_*"``, ``'["shop"]'`` or a list."""
+    if isinstance(setting, str):
+        text = setting.strip()
+        if text.startswith("["):
+            try:
+                setting = [str(p) for p in json.loads(text)]
+            except (ValueError, TypeError):
+                raise InvalidField("ESSENTIAL_RECORDED_DATABASES", f"not a JSON list of names: {text[:80]!r}") from None
+        else:
+            setting = text.split(",")
+    return [p.strip() for p in setting if p and p.strip()]
+
+
+def check_database(route: BucketRoute, *, own: str, allowed: str | Sequence[str]) -> None:
+    """Refuse a bucket whose inverse would run where it must not.
+
+    Never Essential's own database (an undo there deletes or rewrites other sagas), nor
+    ``admin``/``local``/``config``; and only databases the deployment allows.  Names are
+    compared case-blind: MongoDB refuses two databases that differ only in case."""
+    if route.remote:
+        return
+    database, collection = route.database or "", route.collection or ""
+    name = database.casefold()
+    never = None
+    if name == own.casefold():
+        never = f"Essential's own database {database!r} (ESSENTIAL_DATABASE)"
+    elif name in SYSTEM_DATABASES:
+        never = f"the MongoDB system database {database!r}"
+    elif collection.startswith("system."):
+        never = f"the system collection {database}.{collection}"
+    if never is not None:
+        raise InvalidField("bucket", f"{route.bucket} resolves to {never}; a recorded stage is never undone there")
+    patterns = allowed_databases(allowed)
+    if not any(fnmatch.fnmatchcase(name, p.casefold()) for p in patterns):
+        raise InvalidField(
+            "bucket",
+            f"{route.bucket} resolves to database {database!r}, which this deployment does not allow "
+            f"(ESSENTIAL_RECORDED_DATABASES={','.join(patterns) or 'empty'}); allow it there or use another bucket",
+        )
+
+
+def holds_a_deployment(database: str, collections: Sequence[str]) -> InvalidField | None:
+    """The refusal for a bucket whose database has an Essential deployment's collections, else None."""
+    if {"sagas", "stages", "outbox"} <= set(collections):
+        return InvalidField(
+            "bucket", f"database {database!r} holds an Essential deployment's sagas; a recorded stage is never undone there"
+        )
+    return None
 
 
 # -- a new saga --------------------------------------------------------------------------------

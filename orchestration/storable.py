@@ -21,8 +21,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_REPORTED = 5
 
 
-def problems(value: Any, where: str = "payload") -> list[str]:
-    """Why ``value`` cannot be stored as given: ``["payload.items.3.qty: integer 2**70 exceeds 64 bits"]``."""
+def problems(value: Any, where: str = "payload", *, operators: bool = False) -> list[str]:
+    """Why ``value`` cannot be stored as given: ``["payload.items.3.qty: integer 2**70 exceeds 64 bits"]``.
+
+    ``operators``: keys may start with ``$`` (a recorded MongoDB call's own filter or update,
+    stored as data); never for payloads, which could otherwise smuggle operators into queries.
+    """
     found: list[str] = []
     stack: list[tuple[Any, str, int]] = [(value, where, 0)]
     while stack and len(found) < MAX_REPORTED:
@@ -37,7 +41,7 @@ def problems(value: Any, where: str = "payload") -> list[str]:
                     continue
                 if "\x00" in key:
                     found.append(f"{path}: key {key!r} contains a NUL character")
-                elif key.startswith("$"):
+                elif key.startswith("$") and not operators:
                     found.append(f"{path}: key {key!r} starts with '$' (reserved for MongoDB operators)")
                 stack.append((child, f"{path}.{key}", depth + 1))
         elif isinstance(item, (list, tuple)):

@@ -17,6 +17,7 @@ What is particular to recorded sagas:
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import uuid
@@ -31,7 +32,7 @@ from pymongo.errors import DuplicateKeyError
 
 from orchestration.errors import SagaNotFound
 from orchestration.models import Event, Saga
-from orchestration.recorded import RECORDED, BucketRoute, Inverse, InvalidField
+from orchestration.recorded import RECORDED, BucketRoute, Inverse
 
 from .documents import event_to_doc, oid, saga_from_doc, saga_to_doc
 from .inverse import apply_inverse
@@ -111,8 +112,14 @@ class RecordedStore:
         return await resilient(once, f"checkpoint of recorded saga {saga_id}")
 
     # -- sagas -------------------------------------------------------------------------------
-    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
-        """Insert the open saga and its ``saga.started`` event; a known id or idempotency key returns the saga."""
+    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool, str | None]:
+        """Insert the open saga and its ``saga.started`` event: ``(saga, created, kind)``.
+
+        A known id or idempotency key returns the saga stored under it (``created`` False,
+        ``kind`` None for an orchestrated one): the caller decides whether the request repeats
+        it.  A retry that collides with its own earlier, committed attempt counts as created;
+        one that collides with someone else's saga never does.
+        """
         doc = saga_to_doc(saga)
         doc["kind"] = RECORDED
         doc["events"] = 1
@@ -126,19 +133,21 @@ class RecordedStore:
                 await session.with_transaction(body)
 
         try:
-            await resilient(once, "create recorded saga", budget=30.0)
+            await resilient(once, "create recorded saga", budget=30.0, duplicate_is_success=False)
         except DuplicateKeyError:
-            existing = await self.sagas.find_one({"_id": doc["_id"]})
-            which = "id"
-            if existing is None and saga.idempotency_key is not None:
-                existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
-                which = "idempotency_key"
-            if existing is None:
+            for _ in range(5):  # the colliding saga's transaction may not be visible yet
+                existing = await self.sagas.find_one({"_id": doc["_id"]})
+                if existing is None and saga.idempotency_key is not None:
+                    existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
+                if existing is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
                 raise
-            if existing.get("kind") != RECORDED:
-                raise InvalidField(which, "already taken by an orchestrated saga") from None
-            return saga_from_doc(existing), False
-        return saga, True
+            if existing["_id"] == doc["_id"] and _same_insert(existing, doc):
+                return saga, True, RECORDED  # our own attempt, committed before its acknowledgement was lost
+            return saga_from_doc(existing), False, existing.get("kind")
+        return saga, True, RECORDED
 
     async def doc(self, saga_id: str) -> dict[str, Any]:
         try:
@@ -149,6 +158,10 @@ class RecordedStore:
         if doc is None:
             raise SagaNotFound(saga_id)
         return doc
+
+    async def collection_names(self, database: str) -> list[str]:
+        """The collections of a service's database (to tell one that holds an Essential deployment)."""
+        return await resilient(lambda: self.client[database].list_collection_names(), "list collections")
 
     async def kind(self, saga_id: str) -> str | None:
         """``"recorded"`` or None (orchestrated, or no such saga)."""
@@ -254,6 +267,14 @@ class RecordedStore:
     async def find_stages(self, query: dict[str, Any], *, limit: int = 200, skip: int = 0) -> list[dict[str, Any]]:
         cursor = self.stages.find(query).sort([("saga", ASCENDING), ("seq", ASCENDING)]).skip(skip).limit(limit)
         return await resilient(cursor.to_list, "list stages")
+
+
+def _same_insert(stored: Mapping[str, Any], doc: Mapping[str, Any]) -> bool:
+    """Is ``stored`` the document ``doc`` inserted (BSON keeps dates to the millisecond)?"""
+    def ms(value: Any) -> Any:
+        return value.replace(microsecond=value.microsecond // 1000 * 1000) if isinstance(value, datetime) else value
+
+    return all(ms(stored.get(k)) == ms(doc.get(k)) for k in ("createdAt", "job", "ttl", "idempotency_key"))
 
 
 def saga_query(filters: Mapping[str, Any]) -> dict[str, Any]:

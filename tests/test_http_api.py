@@ -168,10 +168,12 @@ async def test_malformed_requests_get_400_naming_the_field(
 async def test_unknown_sagas_get_404(http: httpx.AsyncClient) -> None:
     unknown = new_id()
     for path in (f"/essential/sagas/{unknown}", f"/essential/sagas/{unknown}/commit",
-                 f"/essential/sagas/{unknown}/abort", "/essential/sagas/not-a-saga-id"):  # fmt: skip
+                 f"/essential/sagas/{unknown}/abort"):  # fmt: skip
         response = await http.get(path)
         assert response.status_code == 404, (path, response.text)
         assert response.json()["type"] == "SagaNotFound"
+    malformed = await http.get("/essential/sagas/not-a-saga-id")
+    assert malformed.status_code == 400 and malformed.json()["fields"][0]["field"] == "id", malformed.text
     added = await http.post("/essential/sagas/add", json={"saga": unknown, "bucket": "a.b", "action": "FIND"})
     assert added.status_code == 404
 

@@ -552,3 +552,144 @@ async def test_recorded_sagas_in_shared_host_actors(deployment: Any, mongo: Any)
         await call(client.recorded.commit, committed.id)
     owners = {(await store.get(sid)).lease.owner.split("@")[0] for sid in (aborted.id, committed.id)}
     assert owners == {"essential:host:0"}
+
+
+# ============================================================== the boundary: what must never be accepted
+def test_buckets_never_resolve_to_protected_databases() -> None:
+    from orchestration.recorded import check_database
+
+    route = lambda bucket, **kw: route_bucket(bucket, kw.get("mapping"), kw.get("prefix", ""))  # noqa: E731
+    for bucket, kw in [
+        ("essential.sagas", {}), ("Essential.stages", {}), ("admin.users", {}), ("local.oplog", {}),
+        ("config.chunks", {}), ("ADMIN.x", {}), ("ential.sagas", {"prefix": "ess"}),
+        ("shop.orders", {"mapping": {"shop.*": {"database": "essential"}}}),
+        ("shop.orders", {"mapping": {"shop.orders": "admin.orders"}}),
+    ]:
+        with pytest.raises(InvalidField) as info:
+            check_database(route(bucket, **kw), own="essential", allowed="*")
+        assert info.value.fields[0][0] == "bucket" and "never" in str(info.value), info.value
+    check_database(route("shop.orders"), own="essential", allowed="*")
+    check_database(route("shop.orders"), own="essential", allowed="shop,billing_*")
+    check_database(route("billing_eu.ledger"), own="essential", allowed=["shop", "billing_*"])
+    check_database(route("pay.ledger", mapping={"pay.*": {"remote": "pay.commands"}}), own="essential", allowed="")
+    for bucket, allowed in [("other.orders", "shop,billing_*"), ("shop.orders", ""), ("shopping.x", "shop")]:
+        with pytest.raises(InvalidField, match="ESSENTIAL_RECORDED_DATABASES"):
+            check_database(route(bucket), own="essential", allowed=allowed)
+
+
+async def test_a_stage_in_essentials_own_database_is_refused(client: Any, settings: Any, store: Any) -> None:
+    """A stage whose inverse would run on Essential's own records is refused before it is recorded."""
+    saga = await call(client.recorded.start, 60, job="rec:attacker")
+    for collection in ("sagas", "stages", "outbox"):
+        with pytest.raises(InvalidField) as info:
+            await call(client.recorded.add, saga.id, bucket=f"{settings.database}.{collection}", action="INSERT_ONE",
+                       res={"insertedId": ObjectId()})  # fmt: skip
+        assert info.value.fields[0][0] == "bucket", info.value
+    assert await call(client.recorded.stages, saga.id) == []
+    assert (await call(client.recorded.abort, saga.id, "refused")).state == SagaState.ABORTED
+
+
+def test_recorded_requests_are_strict() -> None:
+    for bad in ({"ttl": True}, {"ttl": False}, {"ttl": "5"}, {"ttl": float("nan")}, {"ttl": float("inf")},
+                {"ttl": 5, "job": 7}, {"ttl": 5, "idempotency_key": 1}):  # fmt: skip
+        with pytest.raises(InvalidField) as info:
+            StartRecorded.parse(bad)
+        assert info.value.fields[0][0] in bad, info.value
+    assert StartRecorded.parse({"ttl": 5}).ttl == 5.0
+    assert StartRecorded.parse({"ttl": 5, "id": "AB" * 12}).id == "ab" * 12
+    for bad, field in [({"bucket": "a.b", "action": "find", "req": {"n": 2**70}}, "req.n"),
+                       ({"bucket": "a.b", "action": "find", "res": [{"k\x00": 1}]}, "res.0"),
+                       ({"bucket": "a.b", "action": "find", "meta": {"$set": 1}}, "meta"),
+                       ({"bucket": "a.b", "action": "find", "res": {"x": float("nan")}}, "res.x"),
+                       ({"bucket": "a.b", "action": 5}, "action"), ({"bucket": "a.b", "action": "find", "key": 5}, "key")]:  # fmt: skip
+        with pytest.raises(InvalidField) as info:
+            AddStage.parse(bad)
+        assert info.value.fields[0][0] == field, info.value
+    ok = AddStage.parse({"bucket": "a.b", "action": "update", "req": {"filter": {"_id": {"$in": [1]}}, "update": {"$set": {"a": 1}}}})
+    assert ok.req["update"] == {"$set": {"a": 1}}, "a recorded request holds MongoDB operators"
+
+
+async def test_a_reused_recorded_key_or_id_with_other_parameters_is_refused(client: Any) -> None:
+    from orchestration import IdempotencyKeyReused
+
+    with pytest.raises(InvalidField) as info:
+        await call(client.recorded.start, True)
+    assert info.value.fields[0][0] == "ttl"
+    key = f"reuse-{uuid.uuid4().hex[:8]}"
+    saga = await call(client.recorded.start, 60, job="rec:reuse", idempotency_key=key)
+    assert (await call(client.recorded.start, 60, job="rec:reuse", idempotency_key=key)).id == saga.id
+    for kwargs in ({"ttl": 61, "job": "rec:reuse"}, {"ttl": 60, "job": "rec:other"}, {"ttl": 60, "job": "rec:reuse", "correlation_id": "c"}):
+        with pytest.raises(IdempotencyKeyReused) as refused:
+            await call(client.recorded.start, kwargs.pop("ttl"), idempotency_key=key, **kwargs)
+        assert saga.id in str(refused.value) and key in str(refused.value)
+    chosen = new_id()
+    assert (await call(client.recorded.start, 60, id=chosen)).id == chosen
+    assert (await call(client.recorded.start, 60, id=chosen)).id == chosen
+    with pytest.raises(IdempotencyKeyReused):
+        await call(client.recorded.start, 30, id=chosen)
+    for sid in (saga.id, chosen):
+        assert (await call(client.recorded.commit, sid)).state == SagaState.COMPLETED
+
+
+async def test_arrival_waits_leave_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operation for a saga whose runner never arrives must not leave its wait behind, per saga, forever."""
+    from actors import recorded
+
+    monkeypatch.setattr(recorded, "ARRIVAL_TIMEOUT", 0.01)
+    before = len(recorded._arrived)
+    replies = await asyncio.gather(*(recorded.dispatch(new_id(), "commit", {}, expect=True) for _ in range(200)))
+    assert replies == [{"moved": True}] * 200
+    assert len(recorded._arrived) == before, f"{len(recorded._arrived) - before} waits left behind"
+
+
+def test_the_expiring_map_drops_idle_and_surplus_entries() -> None:
+    from actors.expiring import ExpiringMap
+
+    now = [0.0]
+    cache: ExpiringMap[str, int] = ExpiringMap(max_entries=3, idle=10.0, clock=lambda: now[0])
+    for i in range(10):
+        cache[f"s{i}"] = i
+    assert len(cache) == 3 and list(cache) == ["s7", "s8", "s9"], "the least recently used go first"
+    now[0] = 5.0
+    assert cache.get("s7") == 7  # used: kept for another idle period
+    now[0] = 12.0
+    cache["s10"] = 10
+    assert sorted(cache) == ["s10", "s7"] and cache.get("s8") is None, "idle entries expire"
+    now[0] = 100.0
+    assert len(cache) == 0 and cache.pop("s10", None) is None
+
+
+async def test_the_services_caches_stay_bounded(deployment: Any) -> None:
+    """Sagas that end elsewhere (here: aborted through the supervisor, not the recorded API) must not stay cached."""
+    client, store = await deployment("rec_bounded", recorded_cache_size=3)
+    sagas = [await call(client.recorded.start, 120, job="rec:bounded") for _ in range(6)]
+    for saga in sagas:
+        await call(client.recorded.add, saga.id, bucket="rtshop.items", action="FIND", res={"n": 0})
+    for saga in sagas:
+        await call(client.abort, saga.id, "ended elsewhere")
+
+    async def all_aborted() -> bool:
+        return all([(await store.get(s.id)).state == SagaState.ABORTED for s in sagas])
+
+    await poll(all_aborted, timeout=120, what="the sagas to end")
+    sizes = await client.supervisor.__ray_call__.remote(
+        lambda sup: {name: len(getattr(sup._recorded_service, name)) for name in ("_handles", "_open")}
+    )
+    assert max(sizes.values()) <= 3, sizes
+
+
+async def test_a_forbidden_stage_already_stored_is_never_undone(deployment: Any, mongo: Any) -> None:
+    """Defense in depth: a stage stored before the rule (or by hand) parks the saga instead of undoing it."""
+    client, store = await deployment("rec_forged")
+    victim = await call(client.recorded.start, 120, job="rec:victim")
+    assert (await call(client.recorded.commit, victim.id)).state == SagaState.COMPLETED
+    saga = await call(client.recorded.start, 120, job="rec:forged")
+    await call(client.recorded.add, saga.id, bucket="rtshop.items", action="FIND", res={"n": 0})
+    await store.stages_col.insert_one({
+        "saga": ObjectId(saga.id), "seq": 100, "step": "INSERT_ONE", "bucket": "rec_forged.sagas", "action": "create",
+        "status": "succeeded", "kind": "recorded", "op": "insert_one", "undo": {"delete": [ObjectId(victim.id)], "put": []},
+    })  # fmt: skip
+    parked = await call(client.recorded.abort, saga.id, "undo the forged stage")
+    assert parked.state == SagaState.PARKED, parked
+    assert "refused" in (parked.parked_reason or "") and "never undone" in parked.parked_reason
+    assert (await store.get(victim.id)).state == SagaState.COMPLETED, "the victim saga was left alone"
