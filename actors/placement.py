@@ -163,9 +163,17 @@ class Placement:
             hosted, silent = await self.hosted()
             # a host that does not answer (busy, restarting) may still run its sagas: count
             # them alive this round rather than start a second copy and burn restore attempts
-            alive |= {sid for sid in shared if sid in hosted or self.index_of(sid) in silent or self._in_flight(sid)}
+            alive |= {sid for sid in shared if sid in hosted or self.may_run_on(sid, silent) or self._in_flight(sid)}
         alive |= await self.dedicated_running(dedicated)
         return alive | (self.launched_since(since) & set(sagas))
+
+    def may_run_on(self, saga_id: str, silent: set[int]) -> bool:
+        """Could a host that did not answer be running the saga? Pooled sagas whose host is not known
+        (the map is rebuilt from answers after a restart) may be on any silent host."""
+        index = self.index_of(saga_id)
+        if index is None:
+            return self.pooled and bool(silent)
+        return index in silent
 
     def _in_flight(self, saga_id: str) -> bool:
         """Launched, but its host has not taken it yet (the saga is not in its answer): alive, so

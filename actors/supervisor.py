@@ -319,7 +319,7 @@ class Supervisor:
             since = self.placement.launch_seq
             hosted, silent = await self.placement.hosted()
             busy = hosted | self.placement.launched_since(since)
-            shared_done = {sid for sid in shared_done if sid not in busy and self.placement.index_of(sid) not in silent}
+            shared_done = {sid for sid in shared_done if sid not in busy and not self.placement.may_run_on(sid, silent)}
         still = await self.placement.dedicated_running(dedicated_done)
         gone = shared_done | {sid for sid in dedicated_done if sid not in still}
         self.placement.forget(gone)

@@ -27,6 +27,9 @@ class Knobs(BaseModel):
     gate: dict[str, str] = Field(
         default_factory=dict, description="a step waits until the test inserts this _id into the gates collection"
     )
+    block_gate: dict[str, str] = Field(
+        default_factory=dict, description="a step blocks its event loop (ignores cancellation) until this gate _id exists"
+    )
     block_undo: dict[str, str] = Field(
         default_factory=dict,
         description="a compensation blocks its event loop (ignores cancellation) until this gate _id exists",
@@ -52,6 +55,8 @@ async def _behave(ctx: StepContext[Knobs], step: str) -> dict:
         await asyncio.sleep(0.1)  # the test opens the gate when it has seen what it needs
     if ctx.payload.block.get(step):
         time.sleep(ctx.payload.block[step])  # deliberately ignores cancellation
+    if ctx.payload.block_gate.get(step):
+        _block_until_gate(ctx.payload.block_gate[step])
     if ctx.payload.fail_at == step:
         if ctx.payload.fail_times == 0 or ctx.attempt <= ctx.payload.fail_times:
             raise RuntimeError(f"injected failure in {step} (attempt {ctx.attempt})")

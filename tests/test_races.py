@@ -413,3 +413,52 @@ async def test_a_saga_actor_created_without_its_run_call_still_drives_its_saga(c
             return True
 
     await poll(actor_gone, timeout=30, what="the actor to leave once its saga ended")
+
+
+async def test_pooled_placement_never_runs_a_saga_twice_when_its_host_is_busy_after_a_supervisor_restart(
+    deployment: Any, mongo: Any
+) -> None:
+    """After a restart the supervisor knows no host's saga; a host whose event loop is blocked does not
+    answer, and its saga was taken for dead: its session killed and the saga launched on a second host."""
+    import asyncio
+
+    import ray
+
+    from actors.hosting import SUPERVISOR_NAME
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    client, store = await deployment("essential_pooled_restart", placement="pooled", max_live_sagas=2)
+    gate = f"busy-{datetime.now(timezone.utc).timestamp()}"
+    saga_id = await call(client.start, "test:chain", {"block_gate": {"b": gate}})
+    calls = mongo[JOBS_DB].calls
+    await poll(lambda: calls.find_one({"saga": saga_id, "step": "b"}), timeout=60, what="step b blocking its host")
+    supervisor = ray.get_actor(SUPERVISOR_NAME, namespace="essential_pooled_restart")
+    ray.kill(supervisor, no_restart=False)  # Ray restarts it, with an empty placement map
+    # a new saga comes first: knowing no host's saga, the supervisor puts it on the lowest host — the
+    # busy one — so a restore of the "silent" saga would go to the free host and run it a second time
+    other = await call(client.start, "test:chain", {})
+
+    async def sweeps() -> int:
+        try:
+            return (await asyncio.wait_for(supervisor.health.remote(), 5))["sweeps"]
+        except Exception:  # restarting
+            return 0
+
+    try:
+        await poll(lambda: _at_least(sweeps, 3), timeout=120, interval=0.5, what="three sweeps of the restarted supervisor")
+        assert await calls.count_documents({"saga": saga_id, "step": "b"}) == 1, "step b started on a second host"
+    finally:
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    done = await call(client.wait, saga_id, 120)
+    assert done.state == SagaState.COMPLETED, done.error
+    assert done.lease.epoch == 1, "nobody took the lease from the busy host"
+    assert (await call(client.wait, other, 120)).state == SagaState.COMPLETED
+    # the blocked attempt overran b's timeout, so the same runner tried again: attempts 1, 2, … of one runner
+    attempts = sorted([d["attempt"] async for d in calls.find({"saga": saga_id, "step": "b"})])
+    assert attempts == list(range(1, len(attempts) + 1)), attempts
+
+
+async def _at_least(read: Any, n: int) -> bool:
+    return await read() >= n
