@@ -11,8 +11,9 @@ runs, on one event loop and one producer:
   participant commands from ``command_outbox``;
 * housekeeping: topics recreated when they vanish (the dev broker keeps them in
   memory only), a broker that lost acknowledged messages noticed and those
-  re-published (:mod:`actors.broker_watch`), sent rows and old command-log
-  entries pruned.
+  re-published (:mod:`actors.broker_watch`), and every ``kafka_prune_interval``
+  what is older than the retention pruned: sent, refused and withdrawn outbox
+  rows, command-log entries, and the replies and command counters of ended sagas.
 
 It starts its work in ``__init__``, so a gateway that Ray restarts after a crash
 (``max_restarts=-1``) resumes on its own.  Several gateways (distinct names)
@@ -32,7 +33,7 @@ import ray
 from aiokafka import AIOKafkaProducer
 from pymongo.asynchronous.database import AsyncDatabase
 
-from persistence import command_outbox, inbox
+from persistence import command_outbox, inbox, kafka_retention
 from persistence.connection import shared_client
 from persistence.inbox import CommandLog
 from persistence.outbox import OutboxQueue, utcnow
@@ -51,7 +52,6 @@ log = logging.getLogger("essential.gateway")
 
 GATEWAY_NAME = "essential:gateway"
 HOUSEKEEPING_INTERVAL = 5.0  # seconds between topic checks
-PRUNE_EVERY = 120  # housekeeping rounds between prunes (about ten minutes)
 
 
 class GatewayService:
@@ -70,6 +70,7 @@ class GatewayService:
         self.loops: list[ConsumerLoop] = []
         self.watch: BrokerWatch | None = None
         self.topic_errors = 0
+        self.pruned: dict[str, int] = {}
         self._check_lock = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -151,13 +152,15 @@ class GatewayService:
         }
         if not self.with_consumers:
             return
-        self.commands = CommandHandler(conf, self.owner, producer, CommandLog(db))
+        self.commands = CommandHandler(conf, self.owner, producer, db)
         self.replies = ReplyHandler(conf, self.owner, producer, db)
         self.loops = [
             ConsumerLoop(conf, topic=conf.kafka_command_topic, group=conf.kafka_consumer_group,
-                         handler=self.commands.handle, on_poison=self.commands.poison, name="commands"),
+                         handler=self.commands.handle, on_poison=self.commands.poison,
+                         on_unreadable=self.commands.unreadable, name="commands"),
             ConsumerLoop(conf, topic=conf.kafka_reply_topic, group=f"{conf.kafka_consumer_group}.replies",
-                         handler=self.replies.handle, on_poison=self.replies.poison, name="replies"),
+                         handler=self.replies.handle, on_poison=self.replies.poison,
+                         on_unreadable=self.replies.unreadable, name="replies"),
         ]  # fmt: skip
 
     # -- housekeeping ------------------------------------------------------------------------
@@ -173,20 +176,24 @@ class GatewayService:
             )
 
     async def _housekeeping(self) -> None:
-        rounds = 0
+        loop = asyncio.get_running_loop()
+        pause = min(HOUSEKEEPING_INTERVAL, self.settings.kafka_prune_interval)
+        last_check = last_prune = loop.time()
         while True:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
-            rounds += 1
-            try:
-                await self._ensure_topics()
-                await self._check_broker()
-            except Exception as exc:  # noqa: BLE001 - Kafka away: the relays report it too
-                self.topic_errors += 1
-                log.debug("gateway %s: topic check failed: %s", self.owner, exc)
-            if rounds % PRUNE_EVERY == 0:
+            await asyncio.sleep(pause)
+            if loop.time() - last_check >= HOUSEKEEPING_INTERVAL:
+                last_check = loop.time()
+                try:
+                    await self._ensure_topics()
+                    await self._check_broker()
+                except Exception as exc:  # noqa: BLE001 - Kafka away: the relays report it too
+                    self.topic_errors += 1
+                    log.debug("gateway %s: topic check failed: %s", self.owner, exc)
+            if loop.time() - last_prune >= self.settings.kafka_prune_interval:
+                last_prune = loop.time()
                 try:
                     await self._prune()
-                except Exception:  # noqa: BLE001 - pruning is best effort
+                except Exception:  # noqa: BLE001 - pruning is best effort: the next round tries again
                     log.exception("gateway %s: pruning failed", self.owner)
 
     async def _check_broker(self) -> None:
@@ -209,11 +216,21 @@ class GatewayService:
                 relay.wake()
 
     async def _prune(self) -> None:
+        """Delete what is older than the retention (``ESSENTIAL_RETENTION``); only the gateway holding a
+        relay's lease prunes that outbox, so standbys do not repeat the work."""
         assert self.db is not None
         older = utcnow() - timedelta(seconds=self.settings.retention)
-        for relay in self.relays.values():
-            await relay.queue.prune_sent(older)
-        await CommandLog(self.db).prune(older)
+        pruned: dict[str, int] = {}
+        for name, relay in self.relays.items():
+            if relay.active:
+                pruned[f"{name}.sent"] = await relay.queue.prune_sent(older)
+                pruned[f"{name}.set_aside"] = await relay.queue.prune_set_aside(older)
+        pruned["command_log"] = await CommandLog(self.db).prune(older)
+        pruned["replies"] = await kafka_retention.prune_replies(self.db, older)
+        pruned["command_counters"] = await kafka_retention.prune_counters(self.db, older)
+        self.pruned = pruned
+        if any(pruned.values()):
+            log.info("gateway %s: pruned %s", self.owner, ", ".join(f"{k} {v}" for k, v in pruned.items() if v))
 
     # -- observation -------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
@@ -222,11 +239,12 @@ class GatewayService:
             try:
                 pending: int | None = await relay.queue.pending()
                 refused: int | None = await relay.queue.refused()
+                withdrawn: int | None = await relay.queue.withdrawn()
             except Exception:  # noqa: BLE001 - stats must answer while MongoDB is away
-                pending = refused = None
+                pending = refused = withdrawn = None
             relays[name] = {
                 **relay.counts, "active": relay.active, "pending": pending, "refused_rows": refused,
-                "last_error": relay.last_error,
+                "withdrawn_rows": withdrawn, "in_flight": len(relay.in_flight), "last_error": relay.last_error,
                 "seconds": {k: round(v, 3) for k, v in relay.seconds.items()},
             }  # fmt: skip
         return {
@@ -237,9 +255,11 @@ class GatewayService:
             "commands": dict(self.commands.counts) if self.commands else {},
             "replies": dict(self.replies.counts) if self.replies else {},
             "consumers": {
-                loop.name: {"partitions": loop.assignment(), "restarts": loop.restarts, "retries": loop.retries}
+                loop.name: {"partitions": loop.assignment(), "waiting": loop.lanes(), "restarts": loop.restarts,
+                            "retries": loop.retries, **loop.counts}
                 for loop in self.loops
-            },
+            },  # fmt: skip
+            "pruned": self.pruned,
             "topic_errors": self.topic_errors,
             "broker_losses": self.watch.losses if self.watch else None,
         }

@@ -88,6 +88,11 @@ def max_value_bytes(settings: Settings) -> int:
     return max_request_size(settings) - 64 * 1024
 
 
+def dead_letter_budget(settings: Settings) -> int:
+    """The largest dead letter the gateway sends, as Kafka counts a record (its request limit, less framing)."""
+    return max_request_size(settings) - 4 * 1024
+
+
 def producer_kwargs(settings: Settings) -> dict[str, Any]:
     """Acks and idempotence from the settings; requests large enough to dead-letter any command."""
     acks: str | int = settings.kafka_acks if settings.kafka_acks == "all" else int(settings.kafka_acks)

@@ -398,10 +398,11 @@ async def outbox_lag(collection: Any) -> tuple[int, float]:
     """Unsent rows and the age in seconds of the oldest one (what the relay still owes Kafka)."""
     from datetime import datetime, timezone
 
-    backlog = await collection.count_documents({"sent_at": None}, limit=BACKLOG_CAP)
+    owed = {"sent_at": None, "refused_at": None, "withdrawn_at": None}  # set-aside rows are reported, not owed
+    backlog = await collection.count_documents(owed, limit=BACKLOG_CAP)
     if not backlog:
         return 0, 0.0
-    oldest = await collection.find_one({"sent_at": None}, {"createdAt": 1}, sort=[("sent_at", 1), ("createdAt", 1)])
+    oldest = await collection.find_one(owed, {"createdAt": 1}, sort=[("sent_at", 1), ("createdAt", 1)])
     created = (oldest or {}).get("createdAt")
     if created is None:
         return backlog, 0.0

@@ -5,11 +5,18 @@ crash between the last two publishes it again (consumers de-duplicate by the
 event id in the body and the ``event_id`` header).
 
 Per-saga order: a saga's rows are published in ``n`` order and keyed by saga
-id (one partition per topic).  Since one saga's events go to several topics,
-a batch is published in *waves*: each wave holds, for every saga, its next run
-of rows bound for one topic, and the next wave is sent only once the previous
-one is acknowledged.  So event ``n + 1`` of a saga never reaches Kafka before
-event ``n`` has, whatever topics they go to.
+id (one partition per topic).  A batch is published in *waves*: each wave
+holds at most one row of each saga, and the next wave is sent only once the
+previous one is acknowledged.  So row ``n + 1`` of a saga is handed to Kafka
+only after Kafka acknowledged row ``n`` (or refused it for good), whatever
+topics they go to.  Why not a saga's consecutive rows for one topic at once:
+without the idempotent producer (the dev broker rejects it) a batch that fails
+is not retried by Kafka in place; the relay sends it again later, after the
+row behind it may have landed - the saga's events out of order.
+
+A round that gives up waiting (the lease's deadline) leaves its rows in the
+producer; a saga with such a row still unresolved sends nothing more until
+Kafka answers for it, so a late acknowledgement cannot overtake a resend.
 """
 from __future__ import annotations
 
@@ -25,7 +32,11 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import InvalidTopicError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    InvalidTopicError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 
 from persistence.outbox import OutboxQueue
 
@@ -76,52 +87,57 @@ def encode(row: Row) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
 
 
 def plan_waves(rows: Iterable[Row]) -> list[list[Row]]:
-    """Split a batch so that no saga has rows for two different topics in flight at once.
-
-    Each saga's rows, in ``n`` order, are cut into runs bound for one topic;
-    wave ``i`` is the ``i``-th run of every saga.
-    """
+    """Split a batch so that no saga has two rows in flight at once: wave ``i`` is the ``i``-th row,
+    in ``n`` order, of every saga."""
     by_saga: dict[Any, list[Row]] = {}
     for row in rows:
         by_saga.setdefault(row["saga"], []).append(row)
-    runs: list[list[list[Row]]] = []
-    for saga_rows in by_saga.values():
-        saga_runs: list[list[Row]] = []
-        for row in sorted(saga_rows, key=lambda r: r["n"]):
-            if saga_runs and saga_runs[-1][-1]["topic"] == row["topic"]:
-                saga_runs[-1].append(row)
-            else:
-                saga_runs.append([row])
-        runs.append(saga_runs)
-    depth = max((len(saga_runs) for saga_runs in runs), default=0)
-    return [[row for saga_runs in runs if i < len(saga_runs) for row in saga_runs[i]] for i in range(depth)]
+    ordered = [sorted(saga_rows, key=lambda r: r["n"]) for saga_rows in by_saga.values()]
+    depth = max((len(saga_rows) for saga_rows in ordered), default=0)
+    return [[saga_rows[i] for saga_rows in ordered if i < len(saga_rows)] for i in range(depth)]
+
+
+InFlight = dict[Any, tuple[Any, "asyncio.Future[Any]"]]
 
 
 async def publish_in_waves(
-    producer: AIOKafkaProducer, rows: list[Row], acked: list[Any], refused: dict[Any, str]
+    producer: AIOKafkaProducer,
+    rows: list[Row],
+    acked: list[Any],
+    refused: dict[Any, str],
+    in_flight: InFlight | None = None,
 ) -> None:
     """Publish ``rows`` wave by wave, appending each acknowledged row id to ``acked``; raise on failure.
 
     A row Kafka can never take (:data:`REFUSED`) goes to ``refused`` instead of
-    failing the batch: one bad row must not stop every saga's events.
+    failing the batch: one bad row must not stop every saga's events.  While a
+    row waits for Kafka it is in ``in_flight`` (saga -> row id, future); if this
+    coroutine is cancelled, what is still there stays unresolved for the caller.
     """
+    in_flight = {} if in_flight is None else in_flight
     for wave in plan_waves(rows):
         sent: list[tuple[Row, asyncio.Future[Any]]] = []
         error: BaseException | None = None
         for row in wave:
             try:
                 key, value, headers = encode(row)
-                sent.append((row, await producer.send(row["topic"], value=value, key=key, headers=headers)))
+                future = await producer.send(row["topic"], value=value, key=key, headers=headers)
             except REFUSED as exc:
                 refused[row["_id"]] = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # noqa: BLE001 - gather what was sent, then report
+                continue
+            except Exception as exc:  # noqa: BLE001 - wait for what was sent, then report
                 error = exc
                 break
-        results = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
-        for (row, _), result in zip(sent, results):
+            in_flight[row["saga"]] = (row["_id"], future)
+            sent.append((row, future))
+        if sent:
+            await asyncio.wait([future for _, future in sent])  # never cancels the futures themselves
+        for row, future in sent:
+            in_flight.pop(row["saga"], None)
+            result = future.exception()
             if isinstance(result, REFUSED):
                 refused[row["_id"]] = f"{type(result).__name__}: {result}"
-            elif isinstance(result, BaseException):
+            elif result is not None:
                 error = error or result
             else:
                 acked.append(row["_id"])
@@ -157,6 +173,9 @@ class Relay:
         self.seconds: Counter[str] = Counter()  # time spent reading, publishing, marking: where a round goes
         self.last_error: str | None = None
         self._wake = asyncio.Event()
+        #: rows handed to Kafka by a round that stopped waiting for them: saga -> (row id, future)
+        self.in_flight: InFlight = {}
+        self._flight_generation: dict[Any, int] = {}  # the broker generation each of those was sent in
 
     def wake(self) -> None:
         """Look at the outbox now instead of after the idle pause."""
@@ -192,13 +211,28 @@ class Relay:
         except asyncio.TimeoutError:
             pass
 
+    async def _settle(self) -> None:
+        """Mark the late acknowledgements of earlier rounds; forget rows Kafka failed (they are sent again)."""
+        late = [(saga, row_id, future) for saga, (row_id, future) in self.in_flight.items() if future.done()]
+        current = self.watch.generation if self.watch else 0
+        acked = []
+        for saga, row_id, future in late:
+            del self.in_flight[saga]
+            same_log = self._flight_generation.pop(saga, current) == current  # else the broker lost it meanwhile
+            if same_log and not future.cancelled() and future.exception() is None:
+                acked.append(row_id)
+        if acked:
+            self.counts["published"] += await self.queue.mark_sent(acked)
+
     async def relay_once(self) -> int:
         """Publish the next batch and mark what Kafka acknowledged; returns the rows taken."""
         generation = self.watch.generation if self.watch else 0
         started = time.perf_counter()
+        await self._settle()
         rows = await self.queue.next_batch(self.batch_size)
         read = time.perf_counter()
         self.seconds["read"] += read - started
+        rows = [row for row in rows if row["saga"] not in self.in_flight]  # one row per saga in flight
         if not rows:
             return 0
         acked: list[Any] = []
@@ -206,9 +240,11 @@ class Relay:
         try:
             # bounded inside the lease, so no standby gateway takes over while this batch is in flight
             await asyncio.wait_for(
-                publish_in_waves(self.producer, rows, acked, refused), timeout=self.lease * 0.75
+                publish_in_waves(self.producer, rows, acked, refused, self.in_flight), timeout=self.lease * 0.75
             )
         finally:
+            for saga in self.in_flight:
+                self._flight_generation.setdefault(saga, generation)
             if refused:
                 log.error("%s: Kafka refused %d row(s) for good; set aside: %s", self.name, len(refused),
                           "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:5]))  # fmt: skip

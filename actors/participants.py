@@ -15,8 +15,11 @@ step as *timed out*: its outcome is unknown (the participant may still apply
 it), so the saga compensates it too, with a ``compensate`` command carrying the
 same idempotency key.  A compensation waits ``compensate_timeout`` per attempt;
 when every attempt goes unanswered the saga parks for an operator, the
-command staying queued.  A reply with ``ok: false`` fails the step at once
-(a business failure: nothing was applied, nothing to undo).
+command staying queued.  Queuing the compensation withdraws the step's command
+if Kafka never took it (a long outage): the participant then gets only the
+compensation, never an operation that is already being undone.  A reply with
+``ok: false`` fails the step at once (a business failure: nothing was applied,
+nothing to undo).
 
 Step code reaches MongoDB like any service: ``persistence.connection.shared_client``
 with :func:`actors.settings.get_settings`.

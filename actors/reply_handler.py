@@ -1,12 +1,13 @@
 """Participants' replies, stored in the ``inbox`` as they arrive (before their offset is committed).
 
 The waiting Kafka step reads the inbox, not Kafka, so a reply that arrives
-while the saga's actor is down is found when the saga resumes.  A reply that
-cannot be parsed goes to the reply dead-letter topic.
+while the saga's actor is down is found when the saga resumes.  A reply is
+stored only if it answers a command this deployment sent (its row is in
+``command_outbox``): the inbox cannot be filled with replies nothing waits for.
+Anything else goes to the reply dead-letter topic with the reason.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 
@@ -15,30 +16,40 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
-from persistence.inbox import store_reply
+from orchestration import storable
+from persistence import command_outbox
+from persistence.inbox import reply_id, store_reply
 
-from .dead_letters import dead_letter
-from .kafka_commands import GATEWAY_ERROR, INVALID_COMMAND, NOT_JSON, TOO_LARGE, Rejection
+from . import dlq
+from .command_handler import failure_rejection, unreadable_rejection
+from .kafka_commands import (
+    INVALID_COMMAND,
+    NOT_STORABLE,
+    UNKNOWN_COMMAND,
+    Rejection,
+    load_json,
+    validation_problems,
+)
+from .kafka_config import dead_letter_budget
+from .kafka_consumer import Failed, Unreadable
 from .participant_protocol import ParticipantReply
-from .kafka_config import max_value_bytes
 from .settings import Settings
 
 log = logging.getLogger("essential.gateway.replies")
 
 
 def parse_reply(value: bytes | None, max_bytes: int) -> ParticipantReply | Rejection:
-    size = len(value or b"")
-    if size > max_bytes:
-        return Rejection(TOO_LARGE, f"reply of {size} bytes exceeds the limit of {max_bytes} bytes")
+    data = load_json(value, max_bytes, what="reply")
+    if isinstance(data, Rejection):
+        return data
     try:
-        data = json.loads(value or b"")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Rejection(NOT_JSON, f"not a JSON document: {exc}")
-    try:
-        return ParticipantReply.model_validate(data)
+        reply = ParticipantReply.model_validate(data)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in e['loc']) or '<reply>'}: {e['msg']}" for e in exc.errors()[:10]]
-        return Rejection(INVALID_COMMAND, "invalid reply: " + "; ".join(problems))
+        return Rejection(INVALID_COMMAND, "invalid reply: " + "; ".join(validation_problems(exc, "<reply>")))
+    found = storable.problems(reply.result, "result")
+    if found:
+        return Rejection(NOT_STORABLE, "; ".join(found))
+    return reply
 
 
 class ReplyHandler:
@@ -52,7 +63,13 @@ class ReplyHandler:
     async def handle(self, msg: ConsumerRecord) -> None:
         reply = parse_reply(msg.value, self.settings.kafka_max_command_bytes)
         if isinstance(reply, Rejection):
-            await self._reject(msg, reply)
+            await self._reject(dlq.Source.of(msg), reply)
+            return
+        answered = reply_id(reply.saga, reply.seq, reply.kind)
+        if await self.db[command_outbox.COLLECTION].find_one({"_id": answered}, {"_id": 1}) is None:
+            await self._reject(dlq.Source.of(msg), Rejection(
+                UNKNOWN_COMMAND, f"no command {answered} was sent by this deployment (or its row was pruned "
+                                 "after the retention): nothing waits for this reply"))  # fmt: skip
             return
         stored = await store_reply(
             self.db,
@@ -67,12 +84,15 @@ class ReplyHandler:
         )  # fmt: skip
         self.counts["stored" if stored else "duplicates"] += 1
 
-    async def poison(self, msg: ConsumerRecord, exc: BaseException) -> None:
-        await self._reject(msg, Rejection(GATEWAY_ERROR, f"{type(exc).__name__}: {exc}"))
+    async def poison(self, msg: ConsumerRecord, failed: Failed) -> None:
+        await self._reject(dlq.Source.of(msg), failure_rejection(failed), attempts=failed.attempts)
 
-    async def _reject(self, msg: ConsumerRecord, rejection: Rejection) -> None:
-        limit = max_value_bytes(self.settings)
-        await dead_letter(self.producer, self.settings.kafka_reply_dlq_topic, msg, rejection, self.owner, limit)
+    async def unreadable(self, item: Unreadable) -> None:
+        await self._reject(dlq.Source(item.topic, item.partition, item.offset), unreadable_rejection(item))
+
+    async def _reject(self, source: dlq.Source, rejection: Rejection, attempts: int = 1) -> None:
+        await dlq.publish(self.producer, self.settings.kafka_reply_dlq_topic, source, rejection, self.owner,
+                          attempts=attempts, budget=dead_letter_budget(self.settings))  # fmt: skip
         self.counts[f"dead_letter.{rejection.code}"] += 1
-        log.warning("reply at %s@%d offset %d dead-lettered: %s", msg.topic, msg.partition, msg.offset,
-                    rejection.reason)  # fmt: skip
+        log.warning("reply at %s@%d offset %d dead-lettered (%s): %s", source.topic, source.partition, source.offset,
+                    rejection.code, rejection.reason[:300])  # fmt: skip

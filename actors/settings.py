@@ -113,6 +113,32 @@ class Settings(BaseSettings):
     participant_poll_interval: float = Field(
         0.2, gt=0, description="longest pause between two inbox reads of a Kafka step waiting for its reply"
     )
+    kafka_retry_seconds: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "how long a command or reply whose handling fails transiently (MongoDB, Ray or Kafka away) is "
+            "retried before it is dead-lettered as gave_up"
+        ),
+    )
+    kafka_handler_timeout: float = Field(
+        90.0, gt=0, description="seconds one attempt at handling a command or reply may take; past it, it counts as transient"
+    )
+    kafka_prune_interval: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "seconds between prunes of what the gateway keeps past ESSENTIAL_RETENTION: sent, refused and withdrawn "
+            "outbox rows, command-log entries, and the replies and command counters of ended sagas"
+        ),
+    )
+    kafka_fault_gates: bool = Field(
+        False,
+        description=(
+            "fault tests only: hold a command whose essential-gate header reads applied:<id> or logged:<id> until "
+            "<id> is in the gates collection; never in production (any producer could stall a partition)"
+        ),
+    )
 
     # -- operators (issue 6) --------------------------------------------------------------------
     log_format: Literal["kv", "json"] = Field(

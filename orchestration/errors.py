@@ -156,3 +156,28 @@ _BY_NAME: dict[str, type[EssentialError]] = {
         SagaNotFound, IllegalTransition, LeaseLost, StepTimeout, StepFailed, LockBusy,
     )
 }
+
+
+class DeadLetterRefused(EssentialError):
+    """Kafka refused even the stripped dead letter of a message: the gateway logs where it is and moves on."""
+
+    def __init__(self, topic: str, source: str, reason: str) -> None:
+        self.topic, self.source = topic, source
+        super().__init__(
+            f"Kafka refused the dead letter of {source} on {topic}: {reason}; create that topic, let the gateway "
+            "write to it and allow messages of a few KiB at least (max.message.bytes)"
+        )
+
+
+class CommandNotQueued(EssentialError):
+    """A participant command could not be numbered: concurrent writers of the same saga kept colliding."""
+
+    def __init__(self, command_id: str, attempts: int) -> None:
+        self.command_id = command_id
+        super().__init__(
+            f"could not queue participant command {command_id}: {attempts} attempts collided with concurrent "
+            "writers of the same saga; the step is retried"
+        )
+
+
+_BY_NAME.update({c.__name__: c for c in (DeadLetterRefused, CommandNotQueued)})

@@ -5,6 +5,12 @@ Two collections have the outbox shape (``_id``, ``topic``, ``key``, ``saga``,
 the saga store in the same transaction as each state change, and
 ``command_outbox``, written by Kafka steps (:mod:`persistence.command_outbox`).
 
+A row leaves the queue when Kafka acknowledged it (``sent_at``), when Kafka
+refused it for good (``refused_at``: too large, invalid topic; set aside so it
+cannot block the relay) or when it was withdrawn before it was sent
+(``withdrawn_at``: a participant command whose step is already being
+compensated).  Each of them is deleted once older than the retention.
+
 Why a lease per collection rather than claims per row: several gateways may
 run, but one saga's rows must be published in ``n`` order, and marking each
 row claimed costs a write per row (measured on the dev MongoDB: that write
@@ -30,7 +36,7 @@ RELAY_ORDER = [("createdAt", ASCENDING), ("saga", ASCENDING), ("n", ASCENDING)]
 
 RELAY_INDEXES = [IndexModel([("sent_at", ASCENDING), *RELAY_ORDER], name="relay_order")]
 
-_UNSENT = {"sent_at": None, "refused_at": None}
+_UNSENT = {"sent_at": None, "refused_at": None, "withdrawn_at": None}
 
 
 def utcnow() -> datetime:
@@ -103,7 +109,11 @@ class OutboxQueue:
             await self.collection.update_one({"_id": row_id}, {"$set": {"refused_at": now, "relay_error": error}})
 
     async def refused(self) -> int:
+        """Rows Kafka refused for good, still kept (until the retention) for an operator to look at."""
         return await self.collection.count_documents({"sent_at": None, "refused_at": {"$ne": None}})
+
+    async def withdrawn(self) -> int:
+        return await self.collection.count_documents({"sent_at": None, "withdrawn_at": {"$ne": None}})
 
     async def rewind(self, since: datetime) -> int:
         """Mark rows sent since ``since`` unsent again: the broker lost them (see actors.broker_watch)."""
@@ -116,4 +126,11 @@ class OutboxQueue:
     async def prune_sent(self, older_than: datetime) -> int:
         """Delete rows published before ``older_than`` (the outbox is a queue, not an archive)."""
         result = await self.collection.delete_many({"sent_at": {"$lt": older_than}})
+        return result.deleted_count
+
+    async def prune_set_aside(self, older_than: datetime) -> int:
+        """Delete rows refused or withdrawn before ``older_than``: they were reported and are never sent."""
+        result = await self.collection.delete_many(
+            {"sent_at": None, "$or": [{"refused_at": {"$lt": older_than}}, {"withdrawn_at": {"$lt": older_than}}]}
+        )
         return result.deleted_count

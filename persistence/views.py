@@ -221,7 +221,7 @@ class SagaViews:
             for s in [saga_from_doc(d) async for d in
                       self.sagas.find({"state": SagaState.PARKED.value}).sort("updatedAt", ASCENDING).limit(50)]
         ]  # fmt: skip
-        unsent = await self.outbox.count_documents({"sent_at": None})
+        unsent = await self.outbox.count_documents({"sent_at": None, "refused_at": None, "withdrawn_at": None})
         return {
             "at": now.isoformat(),
             "by_job": dict(sorted(by_job.items())),

@@ -148,7 +148,8 @@ async def wait_relayed(tap: Tap, saga_ids: list[str], gateways: list[Any], mongo
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 async def gateway(ray_session: Any, client: Any, settings: Any, store: Any) -> AsyncIterator[Any]:
-    handle = await call(ensure_gateway, settings)
+    # fault gates on: a test can hold a command between its application and its offset commit
+    handle = await call(ensure_gateway, settings.model_copy(update={"kafka_fault_gates": True}))
     assert await handle.ready.remote(120), "the gateway did not become ready"
     yield handle
     await call(_stop_actor, GATEWAY_NAME)
@@ -506,15 +507,88 @@ async def test_killed_gateway_comes_back_and_applies_no_command_twice(
     assert counts == Counter({c: 1 for c in correlations}), "a command applied twice"
 
 
-async def test_broker_restart_loses_nothing_committed_to_the_outbox(
-    gateway: Any, kafka: Any, client: Any, mongo: Any, settings: Any
+async def _committed(bootstrap: str, group: str, topic: str, partition: int) -> int | None:
+    """The offset the consumer group committed for ``topic[partition]`` (read without joining the group)."""
+    from aiokafka.structs import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, partition))
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("hold", ["applied", "logged"])
+async def test_gateway_killed_between_applying_a_command_and_committing_its_offset_applies_it_once(
+    gateway: Any, producer: AIOKafkaProducer, kafka: Any, mongo: Any, client: Any, settings: Any, hold: str
 ) -> None:
-    saga_ids = [await call(client.start, "test:chain", {"sleep": {"b": 1.5, "c": 1.5}}) for _ in range(6)]
+    """The gateway is held at a gate right after the supervisor applied a start (``applied``: before the
+    command log knows it; ``logged``: after), then SIGKILLed.  The offset was never committed, so the
+    restarted gateway gets the message again, and the saga still exists once."""
+    gate = f"g-{uuid.uuid4().hex}"
+    correlation = f"c-{uuid.uuid4()}"
+    db = mongo[TEST_DB]
+    from persistence.outbox import utcnow
+
+    since = utcnow()
+    old_pid = await gateway.pid.remote()
+    command = start_command("test:chain", {}, correlation_id=correlation)  # key derived from the message
+    sent = await producer.send_and_wait(settings.kafka_command_topic, command,
+                                        headers=[("essential-gate", f"{hold}:{gate}".encode())])  # fmt: skip
+    held = await poll(lambda: db.gate_waits.find_one({"_id": gate}), timeout=60,
+                      what="the gateway held after applying the command")  # fmt: skip
+    assert held["pids"] == [old_pid]
+    assert len(await sagas_by_correlation(mongo, correlation)) == 1, "applied before the kill"
+    this_message = {"_id": {"$regex": f"^kafka:{re.escape(sent.topic)}:{sent.partition}:{sent.offset}:"},
+                    "at": {"$gte": since}}  # fmt: skip
+    logged = await db.command_log.count_documents(this_message)
+    assert logged == (1 if hold == "logged" else 0)
+    committed = await _committed(kafka.bootstrap, settings.kafka_consumer_group, sent.topic, sent.partition)
+    assert committed is None or committed <= sent.offset, "held before its offset was committed"
+
+    os.kill(old_pid, signal.SIGKILL)
+    await db.gates.insert_one({"_id": gate})
+    assert await gateway.ready.remote(120), "Ray restarts the gateway (max_restarts=-1)"
+    assert await gateway.pid.remote() != old_pid
+
+    async def past_it() -> bool:
+        offset = await _committed(kafka.bootstrap, settings.kafka_consumer_group, sent.topic, sent.partition)
+        return offset is not None and offset > sent.offset
+
+    await poll(past_it, timeout=120, what="the restarted gateway committing the message's offset")
+    waits = await db.gate_waits.find_one({"_id": gate})
+    if hold == "applied":  # nothing but the saga knew it: the message was applied again, to the same saga
+        assert len(waits["pids"]) == 2 and waits["pids"][0] == old_pid, waits
+    else:  # the command log knew it: recognised, not applied again
+        assert waits["pids"] == [old_pid], waits
+        assert (await gateway.stats.remote())["commands"].get("duplicates", 0) >= 1
+    sagas = await sagas_by_correlation(mongo, correlation)
+    assert len(sagas) == 1, "a command applied twice"
+    saga = await wait_saga(client, str(sagas[0]["_id"]))
+    assert saga.state == SagaState.COMPLETED
+    started = await db.outbox.count_documents({"saga": sagas[0]["_id"], "topic": "saga.started"})
+    assert started == 1, "one saga.started event"
+    assert await db.command_log.count_documents(this_message) == 1, "one outcome on record"
+
+
+async def test_broker_restart_loses_nothing_committed_to_the_outbox(
+    gateway: Any, kafka: Any, client: Any, mongo: Any, store: Any, settings: Any
+) -> None:
+    gate = f"g-{uuid.uuid4().hex}"  # step b of every saga waits here until Kafka is down
+    saga_ids = [await call(client.start, "test:chain", {"gate": {"b": gate}}) for _ in range(6)]
     async with Tap(kafka.bootstrap, *LIFECYCLE) as before:
         for saga_id in saga_ids:
             await poll(lambda s=saga_id: before.for_saga(s), timeout=60, what=f"saga.started of {saga_id}")
         failures = (await gateway.stats.remote())["relay"]["events"].get("failures", 0)
+
+    async def all_at_the_gate() -> bool:
+        stages = [await store.stages(s) for s in saga_ids]
+        return all(any(st.step == "b" for st in saga_stages) for saga_stages in stages)
+
+    await poll(all_at_the_gate, timeout=120, what="every saga running step b")
     kafka.kill()
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})  # b, c, d and the end happen without Kafka
     for saga_id in saga_ids:  # sagas go on without Kafka: their events wait in the outbox
         assert (await wait_saga(client, saga_id)).state == SagaState.COMPLETED
 
