@@ -39,7 +39,9 @@ def problems(value: Any, where: str = "payload", *, operators: bool = False) -> 
                 if not isinstance(key, str):
                     found.append(f"{path}: key {key!r} is not a string")
                     continue
-                if "\x00" in key:
+                if not _encodable(key):
+                    found.append(f"{path}: key {key!r} is not valid Unicode (a lone surrogate)")
+                elif "\x00" in key:
                     found.append(f"{path}: key {key!r} contains a NUL character")
                 elif key.startswith("$") and not operators:
                     found.append(f"{path}: key {key!r} starts with '$' (reserved for MongoDB operators)")
@@ -49,7 +51,10 @@ def problems(value: Any, where: str = "payload", *, operators: bool = False) -> 
                 found.append(f"{_cut(path)}: nested deeper than {MAX_DEPTH} levels")
                 continue
             stack.extend((child, f"{path}.{i}", depth + 1) for i, child in enumerate(item))
-        elif isinstance(item, bool) or item is None or isinstance(item, str):
+        elif isinstance(item, str):
+            if not _encodable(item):
+                found.append(f"{path}: text is not valid Unicode (a lone surrogate)")
+        elif isinstance(item, bool) or item is None:
             continue
         elif isinstance(item, int):
             if not INT64_MIN <= item <= INT64_MAX:
@@ -75,6 +80,15 @@ def depth_exceeds(value: Any, limit: int = MAX_DEPTH) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def _encodable(text: str) -> bool:
+    """Can it be stored as UTF-8 (BSON's encoding)? JSON's ``\ud800`` escapes decode to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cut(path: str, keep: int = 60) -> str:

@@ -31,6 +31,8 @@ def _deep(levels: int) -> dict[str, Any]:
         ({"x": {"$gt": ""}}, "payload.x"),
         (_deep(10_000), "nested deeper than 64 levels"),
         ({"f": float("nan")}, "not a finite number"),
+        ({"name": "x\ud800y"}, "lone surrogate"),
+        ({"\udfff": 1}, "lone surrogate"),
     ],
 )
 def test_unstorable_payloads_are_refused_with_their_path(payload: dict[str, Any], says: str) -> None:
