@@ -164,8 +164,10 @@ class Supervisor:
         if saga.state not in TERMINAL_STATES:
             if saga_id in await self.placement.running({saga_id: saga.job}):
                 await self.placement.notify_abort(saga_id, saga.job, reason)
-            elif saga.state != SagaState.PENDING:
-                self.placement.launch(saga.id, saga.job)  # e.g. a parked saga resumed for compensation
+            elif saga.state != SagaState.PENDING and self.placement.has_room(saga.job):
+                # e.g. a parked saga resumed for compensation; with every slot taken, the sweep
+                # restores it (it has no actor) as soon as one frees
+                self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}
 
     async def list(self, state: str | None, job: str | None, limit: int) -> dict[str, Any]:
@@ -367,7 +369,8 @@ class Supervisor:
             saga = await rt.store.resume(saga_id)
         except EssentialError as exc:
             return error_envelope(exc)
-        self.placement.launch(saga.id, saga.job)
+        if self.placement.has_room(saga.job):  # else the sweep restores it once a slot frees
+            self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}
 
     # -- issue 9: signals and waiting sagas (additive) -----------------------------------------

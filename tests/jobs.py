@@ -30,6 +30,7 @@ class Knobs(BaseModel):
     block_gate: dict[str, str] = Field(
         default_factory=dict, description="a step blocks its event loop (ignores cancellation) until this gate _id exists"
     )
+    fail_undo: list[str] = Field(default_factory=list, description="compensations that fail on every attempt (parks)")
     block_undo: dict[str, str] = Field(
         default_factory=dict,
         description="a compensation blocks its event loop (ignores cancellation) until this gate _id exists",
@@ -84,6 +85,8 @@ async def _undo(ctx: StepContext[Knobs], step: str, result: dict | None) -> dict
     await db.calls.insert_one({"saga": ctx.saga_id, "step": step, "attempt": ctx.attempt, "kind": "undo"})
     if ctx.payload.block_undo.get(step):
         _block_until_gate(ctx.payload.block_undo[step])
+    if step in ctx.payload.fail_undo:
+        raise RuntimeError(f"injected failure undoing {step} (attempt {ctx.attempt})")
     delay = ctx.payload.sleep.get(f"undo_{step}", 0)
     if delay:
         await asyncio.sleep(delay)

@@ -462,3 +462,46 @@ async def test_pooled_placement_never_runs_a_saga_twice_when_its_host_is_busy_af
 
 async def _at_least(read: Any, n: int) -> bool:
     return await read() >= n
+
+
+@pytest.mark.parametrize("operator", ["resume", "abort"])
+async def test_an_operator_resume_or_abort_waits_for_a_free_slot(deployment: Any, mongo: Any, operator: str) -> None:
+    """With every live slot taken, resuming (or aborting) a parked saga launched it anyway, past
+    ESSENTIAL_MAX_LIVE_SAGAS; it must wait for a slot like any saga."""
+    import asyncio
+
+    import ray
+
+    from actors.hosting import SUPERVISOR_NAME
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    name = f"essential_operator_{operator}"
+    client, store = await deployment(name, max_live_sagas=1)
+    parked = await call(client.start, "test:chain", {"fail_at": "c", "fail_undo": ["b"]})
+    assert (await call(client.wait, parked, 90)).state == SagaState.PARKED
+    calls = mongo[JOBS_DB].calls
+    undo_b = {"saga": parked, "step": "b", "kind": "undo"}
+    before = await calls.count_documents(undo_b)
+    gate = f"slot-{operator}-{datetime.now(timezone.utc).timestamp()}"
+    holder = await call(client.start, "test:chain", {"gate": {"a": gate}})
+    await poll(lambda: calls.find_one({"saga": holder, "step": "a"}), timeout=60, what="the holder in the only slot")
+    supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=name)
+    await call(getattr(client, operator), *((parked,) if operator == "resume" else (parked, "operator gave up")))
+    start = (await asyncio.wrap_future(supervisor.health.remote().future()))["sweeps"]
+
+    async def three_more_sweeps() -> bool:
+        return (await asyncio.wrap_future(supervisor.health.remote().future()))["sweeps"] >= start + 3
+
+    try:
+        await poll(three_more_sweeps, timeout=60, what="three sweeps with the slot taken")
+        assert await calls.count_documents(undo_b) == before, "the saga ran past the live-saga limit"
+    finally:
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    assert (await call(client.wait, holder, 60)).state == SagaState.COMPLETED
+
+    async def ran_again() -> bool:
+        return await calls.count_documents(undo_b) > before
+
+    await poll(ran_again, timeout=60, what="the parked saga's compensation once the slot was free")
