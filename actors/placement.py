@@ -40,9 +40,14 @@ class Placement:
         self.pooled = settings.placement == "pooled"
         self._slots: dict[str, int] = {}  # pooled: saga id -> the host it has to itself
         self._found_hosts = False
+        self._silent: set[int] = set()  # hosts that did not answer the last time they were asked
         self._launching: dict[str, Any] = {}  # host launches not yet answered (ObjectRefs of run_saga)
         self._launch_seq = 0  # counts launches: what a sweep read before a launch cannot judge it
         self._launched: dict[str, int] = {}
+        # host index -> (incarnation, sagas it ran) at its last answer; saga -> (host, incarnation, sagas
+        # there) when last seen or launched: a saga lost because its host died is not to blame for it
+        self._host_seen: dict[int, tuple[str, int]] = {}
+        self._saga_seen: dict[str, tuple[int, str | None, int]] = {}
 
     # -- policy ----------------------------------------------------------------------
     def is_shared(self, job: str) -> bool:
@@ -74,6 +79,11 @@ class Placement:
         if self.is_shared(job):
             self._launching[saga_id] = self._host_for(saga_id).run_saga.remote(saga_id, orchestrated)
             self.shared.add(saga_id)
+            index = self.index_of(saga_id)
+            if index is not None:
+                incarnation, reported = self._host_seen.get(index, (None, 0))
+                placed = sum(1 for sid in self.shared if self.index_of(sid) == index)
+                self._saga_seen[saga_id] = (index, incarnation, max(reported + 1, placed))
             return
         try:
             handle = SagaActor.options(
@@ -142,6 +152,7 @@ class Placement:
             self._slots.pop(saga_id, None)
             self._launching.pop(saga_id, None)
             self._launched.pop(saga_id, None)
+            self._saga_seen.pop(saga_id, None)
 
     @property
     def launch_seq(self) -> int:
@@ -196,7 +207,7 @@ class Placement:
         self.ensure_hosts()
         indexes = list(self._hosts)
         replies = await asyncio.gather(
-            *(asyncio.wait_for(self._hosts[i].sagas.remote(), 10) for i in indexes), return_exceptions=True
+            *(asyncio.wait_for(self._hosts[i].report.remote(), 10) for i in indexes), return_exceptions=True
         )
         found: set[str] = set()
         silent: set[int] = set()
@@ -208,10 +219,26 @@ class Placement:
                 self._hosts.pop(index, None)
                 silent.add(index)
             else:
-                found |= set(reply)
+                hosted = reply["sagas"]
+                found |= set(hosted)
+                self._host_seen[index] = (reply["incarnation"], len(hosted))
+                for sid in hosted:
+                    self._saga_seen[sid] = (index, reply["incarnation"], len(hosted))
                 if self.pooled:  # rebuilds the slot map after a supervisor restart
-                    self._slots.update({sid: index for sid in reply})
+                    self._slots.update({sid: index for sid in hosted})
+        self._silent = silent
         return found, silent
+
+    def lost_with_its_host(self, saga_id: str) -> bool:
+        """Was the saga lost because the host it shared with other sagas died (its restore says
+        nothing about the saga)? A saga alone in its process answers for that process's death."""
+        seen = self._saga_seen.get(saga_id)
+        if seen is None:
+            return False
+        index, incarnation, load = seen
+        now = self._host_seen.get(index)
+        died = index in self._silent or (incarnation is not None and now is not None and now[0] != incarnation)
+        return died and load > 1
 
     async def host_stats(self) -> list[dict[str, Any]]:
         self.ensure_hosts()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from typing import Any
 
 import ray
@@ -37,6 +38,8 @@ class SagaHost:
         self.refused = 0  # pooled: launches refused because a saga was running here
         self.placement = settings.get("placement", "shared")
         self._end_notice = EndNotice(settings.get("namespace", "essential"))
+        # new each time Ray (re)starts this host: tells the supervisor the host died in between
+        self.incarnation = uuid.uuid4().hex
 
     def __repr__(self) -> str:
         # captured once at creation by Ray; the live count is in stats() and the metrics
@@ -79,6 +82,10 @@ class SagaHost:
 
     async def sagas(self) -> list[str]:
         return [sid for sid, task in self._tasks.items() if not task.done()]
+
+    async def report(self) -> dict[str, Any]:
+        """The sagas running here and this process's incarnation (what the supervisor's sweep reads)."""
+        return {"incarnation": self.incarnation, "sagas": await self.sagas()}
 
     async def stats(self) -> dict[str, Any]:
         return {

@@ -274,10 +274,11 @@ class Supervisor:
             if saga_id in alive:
                 (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga_id)
                 continue
+            collateral = place.lost_with_its_host(saga_id)  # read before forget() drops what it knows
             place.forget({saga_id})
             if not place.has_room(saga.job):
                 continue
-            if await store.note_restore(saga_id) > conf.max_restore_attempts:
+            if not collateral and await store.note_restore(saga_id) > conf.max_restore_attempts:
                 await self._park(saga_id, f"restored {conf.max_restore_attempts} times without progress")
                 counts["parked"] += 1
                 continue

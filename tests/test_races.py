@@ -505,3 +505,44 @@ async def test_an_operator_resume_or_abort_waits_for_a_free_slot(deployment: Any
         return await calls.count_documents(undo_b) > before
 
     await poll(ran_again, timeout=60, what="the parked saga's compensation once the slot was free")
+
+
+async def test_restores_caused_by_a_shared_hosts_death_do_not_park_its_sagas(deployment: Any, mongo: Any) -> None:
+    """A host running several sagas is killed again and again; each death restores them all. Those
+    restores say nothing about the sagas: before, they were parked "restored N times without progress"."""
+    import asyncio
+    import os
+    import signal
+
+    import ray
+
+    from actors.saga_host import host_name
+    from tests.test_saga_runtime import call
+
+    from .conftest import JOBS_DB, poll
+
+    name = "essential_host_deaths"
+    client, store = await deployment(name, placement="shared", host_pool_size=1, max_restore_attempts=2)
+    gate = f"deaths-{datetime.now(timezone.utc).timestamp()}"
+    sagas = [await call(client.start, "test:chain", {"gate": {"b": gate}}) for _ in range(2)]
+    calls = mongo[JOBS_DB].calls
+
+    async def each_in_b(times: int) -> bool:
+        counts = [await calls.count_documents({"saga": s, "step": "b"}) for s in sagas]
+        return all(n >= times for n in counts)
+
+    try:
+        for death in range(1, 4):
+            await poll(lambda: each_in_b(death), timeout=90, what=f"both sagas in step b ({death})")
+            host = ray.get_actor(host_name(0), namespace=name)
+            pid = await asyncio.wrap_future(host.pid.remote().future())
+            os.kill(pid, signal.SIGKILL)
+        await poll(lambda: each_in_b(4), timeout=90, what="both sagas restored after the third death")
+        states = [(await store.get(s)).state for s in sagas]
+        assert SagaState.PARKED not in states, states
+    finally:
+        await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    for saga_id in sagas:
+        done = await call(client.wait, saga_id, 90)
+        assert done.state == SagaState.COMPLETED, (done.state, done.parked_reason)
+        assert done.lease.epoch >= 4, "restored after each of the three deaths"
