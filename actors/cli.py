@@ -602,6 +602,9 @@ def render_stats(data: dict[str, Any]) -> Group:
     else:
         lines.append(Text("oldest running: none"))
     lines.append(Text(f"outbox: {data['outbox_unsent']} event(s) not yet relayed to Kafka"))
+    if data.get("quarantined"):
+        lines.append(Text(f"quarantine: {data['quarantined']} saga document(s) that do not read as sagas were set "
+                          "aside (collection quarantine: each with its reason)", style="bold red"))  # fmt: skip
     if data["parked"]:
         parked = Table("id", "job", "since", "from", "reason", title=f"{data['parked_count']} parked saga(s)",
                        title_justify="left", title_style="bold magenta")  # fmt: skip

@@ -163,6 +163,7 @@ class MongoSagaStore:
         self.outbox = self.db["outbox"]
         self.signals_col = self.db["signals"]
         self.locks = self.db["locks"]
+        self.quarantine_col = self.db["quarantine"]  # saga documents that do not read as sagas
         # One logical session per saga being driven here: its id is the saga's
         # ``session`` field, and a runner uses it strictly sequentially.
         self._sessions: dict[str, AsyncClientSession] = {}
@@ -627,7 +628,7 @@ class MongoSagaStore:
             .sort("wake_at", ASCENDING)
             .limit(limit)
         )
-        return [saga_from_doc(d) async for d in cursor]
+        return await self._readable(cursor)
 
     async def wake_stranded(self, now: datetime, settle: timedelta, limit: int = 100) -> int:
         """Wake waiting sagas whose lock, child or signal came but whose wake-up never landed.
@@ -762,7 +763,7 @@ class MongoSagaStore:
         if job is not None:
             query["job"] = job
         cursor = self.sagas.find(query).sort("createdAt", DESCENDING).limit(limit)
-        return [saga_from_doc(d) async for d in cursor]
+        return await self._readable(cursor)
 
     async def count_by_state(self, states: list[SagaState]) -> int:
         return await self.sagas.count_documents({"state": {"$in": [s.value for s in states]}})
@@ -778,7 +779,7 @@ class MongoSagaStore:
         cursor = self.sagas.find({"state": {"$in": [s.value for s in states]}}).limit(limit)
         if oldest_first:
             cursor = cursor.sort("createdAt", ASCENDING)
-        return [saga_from_doc(d) async for d in cursor]
+        return await self._readable(cursor)
 
     async def note_restore(self, saga_id: str) -> int:
         """Count a restore; the supervisor parks a saga whose restores keep failing."""
@@ -829,7 +830,39 @@ class MongoSagaStore:
         """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""
         done = [state.value for state in (*TERMINAL_STATES, SagaState.PARKED)]
         cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}, "state": {"$in": done}})
-        return {str(d["_id"]): saga_from_doc(d) async for d in cursor}
+        return {saga.id: saga for saga in await self._readable(cursor)}
+
+    # -- documents that do not read as sagas -------------------------------------------------
+    async def _readable(self, cursor: Any) -> list[Saga]:
+        """The sagas of ``cursor``; a document that does not validate is quarantined, not raised.
+
+        One malformed document (written by hand, or by a bug) must not stop the sweep, a
+        listing or a waiting caller: it is moved to ``quarantine`` with the reason and logged."""
+        sagas: list[Saga] = []
+        async for doc in cursor:
+            try:
+                sagas.append(saga_from_doc(doc))
+            except Exception as exc:  # noqa: BLE001 - any way a document fails to read
+                await self.quarantine(doc, f"{type(exc).__name__}: {exc}")
+        return sagas
+
+    async def quarantine(self, doc: dict[str, Any], reason: str) -> None:
+        """Move a saga document that cannot be read out of ``sagas``, keeping it whole for an operator."""
+        reason = reason[:2000]
+        log.error("saga document %s does not read as a saga; moved to quarantine: %s", doc.get("_id"), reason)
+
+        async def body(session: AsyncClientSession) -> None:
+            await self.quarantine_col.replace_one(
+                {"_id": doc["_id"]}, {"_id": doc["_id"], "doc": doc, "reason": reason, "at": _utcnow()},
+                upsert=True, session=session,
+            )  # fmt: skip
+            await self.sagas.delete_one({"_id": doc["_id"]}, session=session)
+
+        async def once() -> None:
+            async with self.client.start_session() as session:
+                await session.with_transaction(body)
+
+        await resilient(once, "quarantine a saga document")
 
     async def states(self, saga_ids: list[str]) -> dict[str, str]:
         cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}}, {"state": 1})

@@ -90,7 +90,7 @@ class SagaViews:
         if since is not None:
             query["createdAt"] = {"$gte": since}
         cursor = self.sagas.find(query).sort("createdAt", DESCENDING).limit(max(limit, 0))
-        return [saga_from_doc(d) async for d in cursor]
+        return [saga for saga in [_readable(d) async for d in cursor] if saga is not None]
 
     async def saga(self, saga_id: str) -> Saga:
         try:
@@ -210,16 +210,17 @@ class SagaViews:
 
         oldest_doc = await self.sagas.find_one({"state": {"$in": ACTIVE}}, sort=[("createdAt", ASCENDING)])
         oldest = None
-        if oldest_doc is not None:
-            saga = saga_from_doc(oldest_doc)
+        saga = _readable(oldest_doc) if oldest_doc is not None else None
+        if saga is not None:
             oldest = {"id": saga.id, "job": saga.job, "state": saga.state.value,
                       "createdAt": saga.createdAt.isoformat(), "age_s": round((now - _utc(saga.createdAt)).total_seconds(), 1),
                       "where": saga.lease.owner}  # fmt: skip
         parked = [
             {"id": s.id, "job": s.job, "reason": s.parked_reason, "since": s.updatedAt.isoformat(),
              "parked_from": s.parked_from.value if s.parked_from else None}
-            for s in [saga_from_doc(d) async for d in
+            for s in [_readable(d) async for d in
                       self.sagas.find({"state": SagaState.PARKED.value}).sort("updatedAt", ASCENDING).limit(50)]
+            if s is not None
         ]  # fmt: skip
         unsent = await self.outbox.count_documents({"sent_at": None, "refused_at": None, "withdrawn_at": None})
         return {
@@ -238,7 +239,16 @@ class SagaViews:
             "parked": parked,
             "parked_count": totals.get(SagaState.PARKED.value, 0),
             "outbox_unsent": unsent,
+            "quarantined": await self.db["quarantine"].count_documents({}),
         }
+
+
+def _readable(doc: dict[str, Any]) -> Saga | None:
+    """A view reads only: a document that does not validate is left out (the supervisor quarantines it)."""
+    try:
+        return saga_from_doc(doc)
+    except Exception:  # noqa: BLE001 - any way a document fails to read
+        return None
 
 
 def event_of(row: dict[str, Any]) -> dict[str, Any]:
