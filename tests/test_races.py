@@ -572,3 +572,44 @@ async def test_a_malformed_saga_document_is_quarantined_and_never_stops_the_swee
     assert held is not None and "ttl" in held["reason"] and held["doc"]["job"] == "hijacked"
     listed = [s.id for s in await call(client.list, limit=50)]
     assert napper in listed
+
+
+class FirstInsertLost:
+    """A collection whose first ``insert_one`` fails with a lost connection before reaching the server,
+    after running ``meanwhile`` (what another client does while this one reconnects)."""
+
+    def __init__(self, collection: Any, meanwhile: Any) -> None:
+        self._collection = collection
+        self._meanwhile = meanwhile
+        self._armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+    async def insert_one(self, *args: Any, **kwargs: Any) -> Any:
+        if self._armed:
+            self._armed = False
+            await self._meanwhile()
+            from pymongo.errors import AutoReconnect
+
+            raise AutoReconnect("connection lost (injected)")
+        return await self._collection.insert_one(*args, **kwargs)
+
+
+async def test_a_retried_start_never_answers_with_a_saga_it_did_not_store(
+    runners: Runners, registry: JobRegistry
+) -> None:
+    """A's insert is lost and retried; meanwhile B stored a start with the same idempotency key. A's retry
+    then met a duplicate key and took it for its own earlier commit: it answered with an id never stored."""
+    a_store, b_store = await runners.store(), await runners.store()
+    key = f"race-key-{datetime.now(timezone.utc).timestamp()}"
+    mine, my_event = build_saga(StartRequest(job="test:chain", idempotency_key=key), registry, SystemClock())
+    theirs, their_event = build_saga(StartRequest(job="test:chain", idempotency_key=key), registry, SystemClock())
+
+    async def b_starts() -> None:
+        await b_store.create(theirs, their_event)
+
+    a_store.sagas = FirstInsertLost(a_store.sagas, b_starts)  # type: ignore[assignment]
+    answered, created = await a_store.create(mine, my_event)
+    assert answered.id == theirs.id and not created, "the stored saga for this key is B's"
+    assert (await b_store.get(answered.id)).idempotency_key == key
