@@ -18,6 +18,7 @@ import ray
 
 from orchestration import SagaRunner
 
+from .expiring import ExpiringMap
 from .hosting import EndNotice, drive
 
 
@@ -32,7 +33,8 @@ class SagaHost:
         self.settings = settings
         self._tasks: dict[str, asyncio.Task] = {}
         self._runners: dict[str, SagaRunner] = {}
-        self._pending_aborts: dict[str, str] = {}
+        # aborts for sagas not (yet) running here; one that never arrives must not stay for ever
+        self._pending_aborts: Any = ExpiringMap(max_entries=10_000, idle=600.0)
         self.completed = 0
         self.peak = 0  # most sagas at once (pooled placement: 1)
         self.refused = 0  # pooled: launches refused because a saga was running here

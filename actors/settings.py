@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         ),
     )  # fmt: skip
     retention: float = Field(7 * 24 * 3600, gt=0, description="seconds terminal sagas keep stage payloads")
+    history_retention: float = Field(
+        90 * 24 * 3600, ge=0,
+        description="seconds after which a terminal saga is deleted with its stages and signals (0 keeps them for ever)",
+    )  # fmt: skip
     fold_checkpoints: bool = Field(
         True, description="fold a step's result checkpoint into the next step's write-ahead: one transaction per step"
     )

@@ -40,6 +40,10 @@ from .runtime import Runtime, get_runtime, settings_from
 log = logging.getLogger("essential.supervisor")
 
 ACTIVE_STATES = [SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING]
+#: states in which a saga is (or is about to be) driven by an actor or host task
+HOLDING_AN_ACTOR = {s.value for s in (*ACTIVE_STATES, SagaState.PENDING)}
+#: most active sagas one sweep judges, and pending sagas it reads beyond the free slots
+SWEEP_ACTIVE, SWEEP_PENDING = 5000, 500
 
 
 def error_envelope(exc: EssentialError) -> dict[str, Any]:
@@ -227,9 +231,15 @@ class Supervisor:
         self._sweeps += 1
         counts = {"restored": 0, "expired": 0, "admitted": 0, "parked": 0, "killed": 0, "pruned": 0}
         seen_at = place.launch_seq  # sagas launched after this are not in what is read next
-        active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES)}
-        pending = await store.list_by_states([SagaState.PENDING], oldest_first=True)
-        await self._forget_finished(set(active) | {s.id for s in pending} | place.launched_since(seen_at))
+        # bounded reads: the least recently updated active sagas (orphans are among them), and the oldest
+        # pending ones — enough to fill the free slots and to expire those past their TTL
+        active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES, stalest_first=True, limit=SWEEP_ACTIVE)}
+        pending = await store.list_by_states(
+            [SagaState.PENDING], oldest_first=True, limit=max(place.slots_free(), 0) + SWEEP_PENDING
+        )
+        held = await store.states(list(place.live)) if place.live else {}
+        unfinished = {sid for sid, state in held.items() if state in HOLDING_AN_ACTOR}
+        await self._forget_finished(unfinished | place.launched_since(seen_at))
         now = datetime.now(timezone.utc)
         alive = await place.running({sid: s.job for sid, s in active.items()})
         # orphans' open transactions would block every write below (abort, restore count, lease)
@@ -309,6 +319,8 @@ class Supervisor:
 
         if self._sweeps % 30 == 1:
             counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))
+            if conf.history_retention > 0:
+                counts["deleted"] = await store.delete_history(now - timedelta(seconds=conf.history_retention))
         counts["live"] = len(place.live)
         await metrics.observe_sweep(store, place, sum(1 for s in pending if s.id not in place.live))
         return counts

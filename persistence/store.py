@@ -773,12 +773,15 @@ class MongoSagaStore:
         return [d async for d in cursor]
 
     async def list_by_states(
-        self, states: list[SagaState], *, oldest_first: bool = False, limit: int = 0
+        self, states: list[SagaState], *, oldest_first: bool = False, stalest_first: bool = False, limit: int = 0
     ) -> list[Saga]:
-        """Every saga in ``states`` (the supervisor's sweeps), oldest first on request; ``limit`` 0 = all."""
+        """Sagas in ``states`` (the supervisor's sweeps): oldest created first, or least recently
+        updated first (where orphans are), on request; ``limit`` 0 = all."""
         cursor = self.sagas.find({"state": {"$in": [s.value for s in states]}}).limit(limit)
         if oldest_first:
             cursor = cursor.sort("createdAt", ASCENDING)
+        elif stalest_first:
+            cursor = cursor.sort("updatedAt", ASCENDING)
         return await self._readable(cursor)
 
     async def note_restore(self, saga_id: str) -> int:
@@ -825,6 +828,21 @@ class MongoSagaStore:
         await self.locks.delete_many({"saga": {"$in": ids}})  # released at the end already; never kept
         await self.sagas.update_many({"_id": {"$in": ids}}, {"$set": {"pruned_at": now, "payload": {}}})
         return len(ids)
+
+    async def delete_history(self, older_than: datetime, limit: int = 500) -> int:
+        """Delete terminal sagas that ended before ``older_than``, with their stages, signals and locks.
+
+        The store is a system of record for live business transactions, not an archive:
+        without this it grows with every saga ever run (export before, if history matters).
+        Parked sagas are never deleted; their effects wait for a person."""
+        query = {"state": {"$in": [s.value for s in TERMINAL_STATES]}, "updatedAt": {"$lt": older_than}}
+        ids = [d["_id"] async for d in self.sagas.find(query, {"_id": 1}).limit(limit)]
+        if not ids:
+            return 0
+        for collection in (self.stages_col, self.signals_col, self.locks):
+            await collection.delete_many({"saga": {"$in": ids}})
+        deleted = await self.sagas.delete_many({"_id": {"$in": ids}, **query})
+        return deleted.deleted_count
 
     async def ended(self, saga_ids: list[str]) -> dict[str, Saga]:
         """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""

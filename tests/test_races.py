@@ -613,3 +613,25 @@ async def test_a_retried_start_never_answers_with_a_saga_it_did_not_store(
     answered, created = await a_store.create(mine, my_event)
     assert answered.id == theirs.id and not created, "the stored saga for this key is B's"
     assert (await b_store.get(answered.id)).idempotency_key == key
+
+
+async def test_terminal_sagas_are_deleted_after_the_history_retention(deployment: Any, mongo: Any) -> None:
+    """Pruning only nulled payloads: the store kept every saga and stage ever run. Past
+    ESSENTIAL_HISTORY_RETENTION a terminal saga goes with its stages; a live or parked one stays."""
+    from tests.test_saga_runtime import call
+
+    from .conftest import poll
+
+    name = "essential_history"
+    client, store = await deployment(name, retention=1.0, history_retention=2.0)
+    ended = await call(client.start, "test:chain", {})
+    assert (await call(client.wait, ended, 60)).state == SagaState.COMPLETED
+    parked = await call(client.start, "test:chain", {"fail_at": "c", "fail_undo": ["b"]})
+    assert (await call(client.wait, parked, 90)).state == SagaState.PARKED
+
+    async def gone() -> bool:
+        return await mongo[name].sagas.find_one({"_id": __import__("bson").ObjectId(ended)}) is None
+
+    await poll(gone, timeout=90, what="the completed saga deleted after its history retention")
+    assert await mongo[name].stages.count_documents({"saga": __import__("bson").ObjectId(ended)}) == 0
+    assert (await store.get(parked)).state == SagaState.PARKED, "a parked saga waits for a person, never deleted"
