@@ -115,6 +115,9 @@ class Supervisor:
                 self._end_watch.resolve(saga_id, ended)
         held_a_slot = saga_id in self.placement.dedicated or (self.placement.pooled and saga_id in self.placement.shared)
         self.placement.forget({saga_id})
+        recorded = getattr(self, "_recorded_service", None)
+        if recorded is not None:  # its cached handle and job are of no use once the saga left its actor
+            recorded.forget(saga_id)
         self._killed.pop(saga_id, None)
         if not (held_a_slot and self._backlog):
             return

@@ -524,6 +524,111 @@ async def test_locks_are_released_by_ttl_expiry_and_dropped_by_prune(travel: tup
     # a lock or signal left behind by an ended saga goes when the saga is pruned
     await store.locks.insert_one({"bucket": "test.wallets", "key": wallet, "saga": ObjectId(saga.id), "waiters": []})
     await store.signals_col.insert_one({"saga": ObjectId(saga.id), "name": "late", "at": datetime.now(timezone.utc)})
+    summary = [(s.seq, s.step, s.status) for s in await store.stages(saga.id)]
+    assert any(s.res is not None for s in await store.stages(saga.id)), "there were results to drop"
     assert await store.prune(datetime.now(timezone.utc) + timedelta(seconds=5)) >= 1
     assert await store.locks.count_documents({"key": wallet}) == 0
     assert await store.signals_col.count_documents({"saga": ObjectId(saga.id)}) == 0
+    # *this* saga was pruned (the count above is over the whole database): payloads gone, summary kept
+    pruned = await store.get(saga.id)
+    assert pruned.pruned_at is not None and pruned.payload == {}
+    assert pruned.state == SagaState.ABORTED and pruned.error == done.error
+    stages = await store.stages(saga.id)
+    assert [(s.seq, s.step, s.status) for s in stages] == summary, "the stage summaries stay"
+    assert stages and all(s.req is None and s.res is None for s in stages)
+
+
+# --------------------------------------------------------------------------- pruning
+async def _raw_stages(store: Any, saga_id: str) -> list[dict]:
+    return [d async for d in store.stages_col.find({"saga": ObjectId(saga_id)}).sort("seq", 1)]
+
+
+async def test_prune_drops_the_payloads_of_old_terminal_sagas_only(mongo: Any) -> None:
+    """Of old and young, terminal, waiting and parked sagas, only the old terminal ones lose their
+    payloads (stage req/res, saga payload, signals, left-over locks); summaries stay, and a
+    waiting or parked saga keeps everything however old, since it may still need it."""
+    from datetime import datetime, timedelta, timezone
+
+    from orchestration import SystemClock
+
+    await mongo.drop_database("essential_prune_direct")
+    store = MongoSagaStore(mongo, "essential_prune_direct")
+    await store.ensure_indexes()
+    registry = JobRegistry.from_modules(["tests.jobs", "tests.ops_jobs"])
+    long_ago = datetime.now(timezone.utc) - timedelta(days=2)
+
+    async def run(job: str, payload: dict, clock: Any) -> Any:
+        saga, event = build_saga(StartRequest(job=job, payload=payload, ttl=30 * 86400), registry, clock)
+        await store.create(saga, event)
+        return await SagaRunner(saga.id, store=store, registry=registry, owner="prune", clock=clock).run()
+
+    old_done = await run("test:chain", {"tag": "old-done"}, ManualClock(long_ago))
+    old_aborted = await run("test:chain", {"tag": "old-aborted", "fail_at": "d"}, ManualClock(long_ago))
+    young_done = await run("test:chain", {"tag": "young-done"}, SystemClock())
+    old_waiting = await run("test:signal", {"tag": "old-waiting"}, ManualClock(long_ago))
+    old_parked = await run("ops:prune", {"tag": "old-parked", "fail_at": "b", "fail_undo_at": "a"}, ManualClock(long_ago))
+    assert [s.state for s in (old_done, old_aborted, young_done, old_waiting, old_parked)] == [
+        SagaState.COMPLETED, SagaState.ABORTED, SagaState.COMPLETED, SagaState.WAITING, SagaState.PARKED
+    ]  # fmt: skip
+    everyone = [old_done, old_aborted, young_done, old_waiting, old_parked]
+    before = {s.id: await _raw_stages(store, s.id) for s in everyone}
+    for saga in everyone:  # a signal each, and a lock each (a left-over one for the ended sagas)
+        await store.signals_col.insert_one({"saga": ObjectId(saga.id), "name": "late", "at": datetime.now(timezone.utc)})
+        await store.locks.insert_one({"bucket": "test.prune", "key": saga.id, "saga": ObjectId(saga.id), "waiters": []})
+
+    cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+    assert await store.prune(cutoff) == 2, "exactly the two old terminal sagas"
+    for saga in (old_done, old_aborted):
+        after = await store.get(saga.id)
+        assert after.pruned_at is not None and after.pruned_at > cutoff
+        assert after.payload == {}
+        assert (after.state, after.error, after.seq) == (saga.state, saga.error, saga.seq), "the summary stays"
+        raw = await _raw_stages(store, saga.id)
+        assert [(d["seq"], d["step"], d["status"]) for d in raw] == [
+            (d["seq"], d["step"], d["status"]) for d in before[saga.id]
+        ]  # fmt: skip
+        assert all(d["req"] is None and d["res"] is None and d.get("pruned") is True for d in raw)
+        assert await store.signals_col.count_documents({"saga": ObjectId(saga.id)}) == 0
+        assert await store.locks.count_documents({"saga": ObjectId(saga.id)}) == 0
+    for saga in (young_done, old_waiting, old_parked):
+        after = await store.get(saga.id)
+        assert after.pruned_at is None and after.payload == saga.payload and after.payload["tag"]
+        assert await _raw_stages(store, saga.id) == before[saga.id], f"{saga.state.value} saga's stages touched"
+        assert any(d["req"] is not None or d["res"] is not None for d in before[saga.id])
+        assert await store.signals_col.count_documents({"saga": ObjectId(saga.id)}) == 1
+        assert await store.locks.count_documents({"saga": ObjectId(saga.id)}) == 1
+    assert await store.prune(cutoff) == 0, "a pruned saga is not pruned again"
+
+    # the young saga goes once it is old enough; the waiting and the parked one never do
+    assert await store.prune(datetime.now(timezone.utc) + timedelta(minutes=1)) == 1
+    assert (await store.get(young_done.id)).pruned_at is not None
+    for saga in (old_waiting, old_parked):
+        assert (await store.get(saga.id)).pruned_at is None
+        assert await _raw_stages(store, saga.id) == before[saga.id]
+
+
+async def test_the_supervisor_prunes_old_terminal_sagas_by_itself(deployment: Any, mongo: Any) -> None:
+    """A deployment with a one-second retention and a fast sweep: a completed saga's payloads are
+    dropped by the supervisor's periodic prune (nobody calls prune here), while a live saga's stay."""
+    client, store = await deployment("essential_adv_prune", retention=1.0, supervisor_interval=0.2)
+    done = await finished(client, await call(client.start, "test:chain", {"tag": "to-prune"}))
+    assert done.state == SagaState.COMPLETED, done.error
+    assert all(s.req is not None and s.res is not None for s in await store.stages(done.id))
+    gate = f"g-{uuid.uuid4().hex}"
+    live = await call(client.start, "test:chain", {"tag": "live", "gate": {"b": gate}})
+    await poll(lambda: stage_is(store, live, "b", StageStatus.STARTED), timeout=60, what="the live saga in b")
+
+    async def pruned() -> bool:
+        return (await store.get(done.id)).pruned_at is not None
+
+    await poll(pruned, timeout=120, interval=0.2, what="the supervisor to prune the completed saga")
+    health = await asyncio.wait_for(client.supervisor.health.remote(), 30)
+    assert health["sweeps"] > 1 and health["last_error"] is None, health
+    after = await store.get(done.id)
+    assert after.payload == {} and after.state == SagaState.COMPLETED
+    assert all(s.req is None and s.res is None for s in await store.stages(done.id))
+    still = await store.get(live)
+    assert still.state == SagaState.RUNNING and still.pruned_at is None and still.payload["tag"] == "live"
+    assert (await store.stages(live))[0].res is not None, "a live saga keeps its results"
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
+    assert (await finished(client, live)).state == SagaState.COMPLETED

@@ -19,6 +19,7 @@ from examples.services.ledger import AlreadyCompensated
 from orchestration import (
     InvalidPayload,
     JobRegistry,
+    ManualClock,
     SagaRunner,
     SagaState,
     StageStatus,
@@ -29,6 +30,8 @@ from orchestration import (
 )
 from orchestration.models import Saga, Stage
 from orchestration.states import Action
+
+from .conftest import poll
 
 PREFIX = "tex_"
 STORE_DB = "tex_essential"
@@ -297,7 +300,23 @@ async def test_a_failing_compensation_parks_the_saga(
 async def test_ttl_expiry_compensates_even_a_step_that_timed_out(
     world: dict[str, int], saga_store: Any, registry: JobRegistry
 ) -> None:
-    saga, stages = await run(saga_store, registry, "order:fulfillment", order("o-5", slow_ms=150), ttl=0.4)
+    """The first step outlasts the TTL (every step waits ``slow_ms`` first), so the TTL cuts it
+    with its outcome unknown. The runner's clock stands still while the saga is set up (so the
+    step surely starts within the TTL, however slow the machine) and is moved past the deadline
+    while the step runs; each attempt is cut after the TTL's length in real time."""
+    clock = ManualClock()
+    request = StartRequest(job="order:fulfillment", payload=order("o-5", slow_ms=600_000), ttl=2)
+    built, event = build_saga(request, registry, clock)
+    await saga_store.create(built, event)
+    task = asyncio.create_task(SagaRunner(built.id, store=saga_store, registry=registry, owner="test", clock=clock).run())
+
+    async def first_step_running() -> bool:
+        return any(s.step == "reserve_stock" for s in await saga_store.stages(built.id))
+
+    await poll(first_step_running, timeout=30, what="reserve_stock to start")
+    clock.advance(request.ttl or 0)  # the TTL passes while the step is in flight
+    saga = await asyncio.wait_for(task, 60)
+    stages = await saga_store.stages(saga.id)
     assert saga.state == SagaState.ABORTED
     assert "ttl" in (saga.error or "") or "timed out" in (saga.error or ""), saga.error
     undone = compensated(stages)
@@ -306,6 +325,13 @@ async def test_ttl_expiry_compensates_even_a_step_that_timed_out(
         if s.status != StageStatus.SUCCEEDED and s.res.get("outcome") == "unknown"
     ]  # fmt: skip
     assert set(unknown) <= set(undone)  # an outcome the runner could not know is compensated too
+    assert unknown == ["reserve_stock"], [(s.step, s.status, s.res) for s in stages]
+    assert list(forward(stages)) == ["reserve_stock"], "nothing ran after the step the TTL cut"
+    cut = forward(stages)["reserve_stock"]
+    assert cut.status == StageStatus.FAILED and "timed out" in cut.res["error"]
+    assert [(s.compensates, s.status) for s in stages if s.action == Action.COMPENSATE] == [
+        (cut.seq, StageStatus.SUCCEEDED)
+    ], "the timed-out stage itself was compensated"  # fmt: skip
     assert await data.totals() == world
     assert await orders.status("o-5") is None
 

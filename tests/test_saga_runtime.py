@@ -104,16 +104,64 @@ async def test_abort_in_mid_saga_compensates_what_ran(client: Any, store: Any, m
     assert "customer cancelled" in (saga.error or "")
 
 
-async def test_ttl_expiry_is_handled_by_the_runner(client: Any, store: Any) -> None:
-    saga = await run_saga(client, "test:chain", {"sleep": {"c": 30}}, ttl=4.0)
+def _ttl_job(clock: Any) -> Any:
+    """a, b, c, d like test:chain; c moves the runner's clock to the saga's deadline as it
+    begins: the TTL runs out while c is in flight, whatever the machine's speed."""
+    from orchestration import Job, RetryPolicy
+
+    from .jobs import Knobs, _behave, _undo
+
+    job: Any = Job("t:ttl-in-flight", payload=Knobs, ttl=60)
+    for name in "abcd":
+
+        async def run(ctx: Any, _n: str = name) -> dict:
+            if _n == "c":
+                clock.set(ctx.deadline)
+            return await _behave(ctx, _n)
+
+        async def undo(ctx: Any, result: Any, _n: str = name) -> dict:
+            return await _undo(ctx, _n, result)
+
+        job.step(bucket=f"test.{name}", action="create", name=name, retry=RetryPolicy(attempts=3, backoff=0.01),
+                 timeout=10)(run).compensation(undo)  # fmt: skip
+    return job
+
+
+async def test_ttl_expiry_is_handled_by_the_runner(mongo: Any) -> None:
+    """The TTL runs out while step c runs: the runner cuts c at the deadline (outcome unknown, not
+    retried), compensates everything that ran in reverse, and never starts d.
+
+    In process on a ManualClock, in a database no supervisor sweeps: the clock stands still until c
+    moves it, so how far the saga gets does not depend on how fast actors start; c's attempt is
+    bounded by the TTL left when it began (2 s), after which the runner finds the TTL passed."""
+    from orchestration import JobRegistry, ManualClock, SagaRunner, StartRequest, build_saga
+    from persistence.store import MongoSagaStore
+
+    await mongo.drop_database("essential_runtime_ttl")
+    store = MongoSagaStore(mongo, "essential_runtime_ttl")
+    await store.ensure_indexes()
+    clock = ManualClock()
+    registry = JobRegistry([_ttl_job(clock)])
+    built, event = build_saga(
+        StartRequest(job="t:ttl-in-flight", payload={"sleep": {"c": 30}}, ttl=2.0), registry, clock
+    )
+    await store.create(built, event)
+    saga = await asyncio.wait_for(SagaRunner(built.id, store=store, registry=registry, owner="t", clock=clock).run(), 60)
     assert saga.state == SagaState.ABORTED
     assert "ttl" in (saga.error or saga.abort_requested or "")
     stages = await store.stages(saga.id)
     forward = [s.seq for s in stages if s.action != Action.COMPENSATE]
-    # however far it got before the deadline (a busy machine starts actors slowly),
-    # everything that ran is undone in reverse, and the step after the sleeper never ran
+    # everything that ran is undone in reverse, and the step after the one in flight never ran
     assert [s.compensates for s in stages if s.action == Action.COMPENSATE] == forward[::-1]
     assert not any(s.step == "d" for s in stages)
+    assert forward == [1, 2, 3], "a and b ran, c was in flight when the TTL passed"
+    assert saga.error == "ttl of 2s expired during step c"
+    c = next(s for s in stages if s.step == "c" and s.action != Action.COMPENSATE)
+    assert c.status == StageStatus.FAILED and c.res["outcome"] == "unknown" and c.meta.retry_count == 0
+    assert all(s.status == StageStatus.SUCCEEDED for s in stages if s.action == Action.COMPENSATE)
+    runs = [d["step"] async for d in mongo[JOBS_DB].calls.find({"saga": saga.id, "kind": "run"})]
+    assert sorted(runs) == ["a", "b", "c"], "c was not retried past the TTL"
+    assert await mongo[JOBS_DB].effects.count_documents({"saga": saga.id}) == 0
 
 
 async def test_same_idempotency_key_yields_one_saga(client: Any, store: Any) -> None:
