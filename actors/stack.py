@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any
 from actors.embedded_kafka import EmbeddedKafka
 from actors.ray_keeper import write_json_atomic
 from actors.settings import Settings, get_settings
-from actors.stack_record import RECORD, CorruptStackRecord, env_of
+from actors.stack_record import RECORD, env_of, read_json
 from persistence.embedded import (
     HOST,
     EmbeddedMongo,
@@ -255,7 +254,7 @@ class LocalStack:
         start_time = process_start_time(proc.pid)
         try:
             while True:
-                info = _read_json(info_path)
+                info = read_json(info_path)
                 if info is not None and info.get("pid") == proc.pid:
                     break
                 code = proc.poll()
@@ -293,7 +292,7 @@ class LocalStack:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _read_state(self) -> dict[str, Any] | None:
-        return _read_json(self.state_path)
+        return read_json(self.state_path)
 
     def _write_state(self, state: dict[str, Any]) -> None:
         ray = state.get("ray", {})
@@ -355,13 +354,6 @@ def _stop_component(entry: dict[str, Any], timeout: float) -> str:
     return how
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:
-        raise CorruptStackRecord(f"{path} is corrupt ({exc}); remove it after checking no stack processes run") from exc
 
 
 @contextlib.contextmanager

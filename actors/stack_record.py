@@ -36,7 +36,11 @@ def home_of(home: str | os.PathLike[str] | None = None) -> Path:
 
 def read_record(home: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """The recorded ``stack.json`` under ``home``, or None when no stack was started there."""
-    path = home_of(home) / RECORD
+    return read_json(home_of(home) / RECORD)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file the stack wrote, or None when it is not there; a corrupt one says so."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
