@@ -28,6 +28,7 @@ from actors.saga_actor import actor_name
 from orchestration import SagaState
 from orchestration.states import Action, StageStatus
 
+from .kafka_tools import Tap
 from .conftest import JOBS_DB, REPO, TEST_DB, poll
 from .jobs import MANUAL_TOPIC, PAYMENTS_TOPIC
 
@@ -41,40 +42,6 @@ TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Blocking Ray calls run off the event loop that the MongoDB client uses."""
     return await asyncio.to_thread(fn, *args, **kwargs)
-
-
-class Tap:
-    """Every message of ``topics`` from the beginning, collected in the background (no consumer group)."""
-
-    def __init__(self, bootstrap: str, *topics: str) -> None:
-        self.consumer = AIOKafkaConsumer(
-            *topics, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
-            metadata_max_age_ms=1000, max_partition_fetch_bytes=4 * 1024 * 1024,
-        )  # fmt: skip
-        self.records: list[ConsumerRecord] = []
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> "Tap":
-        await self.consumer.start()
-        self._task = asyncio.create_task(self._collect())
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self.consumer.stop()
-
-    async def _collect(self) -> None:
-        while True:
-            for msgs in (await self.consumer.getmany(timeout_ms=200)).values():
-                self.records.extend(msgs)
-
-    def for_saga(self, saga_id: str) -> list[ConsumerRecord]:
-        return [r for r in self.records if r.key == saga_id.encode()]
-
-    def keyed(self, prefix: str) -> list[ConsumerRecord]:
-        return [r for r in self.records if r.key and r.key.decode(errors="replace").startswith(prefix)]
 
 
 def body(record: ConsumerRecord) -> dict[str, Any]:
@@ -131,7 +98,7 @@ async def wait_relayed(tap: Tap, saga_ids: list[str], gateways: list[Any], mongo
     """Every saga's terminal event seen on Kafka; on timeout, saga states and gateway stats say where it stuck."""
 
     def missing() -> list[str]:
-        return [s for s in saga_ids if not any(r.topic in TERMINAL for r in tap.for_saga(s))]
+        return [s for s in saga_ids if not any(r.topic in TERMINAL for r in tap.for_key(s))]
 
     try:
         await poll(lambda: not missing(), timeout=timeout, what="the terminal event of every saga")
@@ -214,9 +181,9 @@ async def test_start_command_runs_saga_and_events_arrive_in_order(
         sagas = await poll(lambda: sagas_by_correlation(mongo, correlation), timeout=60, what="saga created")
         saga = await wait_saga(client, str(sagas[0]["_id"]))
         assert saga.state == SagaState.COMPLETED
-        await poll(lambda: any(r.topic == "saga.completed" for r in tap.for_saga(saga.id)), timeout=60,
+        await poll(lambda: any(r.topic == "saga.completed" for r in tap.for_key(saga.id)), timeout=60,
                    what="saga.completed on Kafka")  # fmt: skip
-        events = first_of_each(tap.for_saga(saga.id))
+        events = first_of_each(tap.for_key(saga.id))
 
     assert await mongo[TEST_DB].sagas.count_documents({"idempotency_key": key}) == 1
     assert [r.topic for r in sorted(events, key=lambda r: body(r)["n"])] == (
@@ -261,9 +228,9 @@ async def test_abort_command_compensates_a_running_saga(
         saga = await wait_saga(client, saga_id)
         assert saga.state == SagaState.ABORTED
         assert "cancelled over Kafka" in (saga.error or "")
-        await poll(lambda: any(r.topic == "saga.aborted" for r in tap.for_saga(saga_id)), timeout=60,
+        await poll(lambda: any(r.topic == "saga.aborted" for r in tap.for_key(saga_id)), timeout=60,
                    what="saga.aborted on Kafka")  # fmt: skip
-        events = first_of_each(tap.for_saga(saga_id))
+        events = first_of_each(tap.for_key(saga_id))
     topics = [r.topic for r in sorted(events, key=lambda r: body(r)["n"])]
     assert topics[0] == "saga.started" and topics[-1] == "saga.aborted" and "saga.completed" not in topics
     assert_published_in_order(events)
@@ -328,7 +295,7 @@ async def test_a_row_kafka_can_never_take_is_set_aside_and_does_not_block_the_re
     huge, normal = row(big=True), row(big=False)
     async with Tap(kafka.bootstrap, "saga.started") as tap:
         await mongo[TEST_DB].outbox.insert_many([huge, normal])
-        await poll(lambda: tap.for_saga(normal["key"]), timeout=60, what="the row after the huge one")
+        await poll(lambda: tap.for_key(normal["key"]), timeout=60, what="the row after the huge one")
     refused = await poll(lambda: mongo[TEST_DB].outbox.find_one({"_id": huge["_id"], "refused_at": {"$ne": None}}),
                          timeout=60, what="the huge row set aside")  # fmt: skip
     assert refused["sent_at"] is None
@@ -345,7 +312,7 @@ async def test_step_answered_by_participant_completes(
     async with Tap(kafka.bootstrap, PAYMENTS_TOPIC) as commands:
         saga_id = await call(client.start, "test:remote", {"customer": "alice", "amount": 250})
         saga = await wait_saga(client, saga_id, 180)
-        sent = [body(r) for r in commands.for_saga(saga_id)]
+        sent = [body(r) for r in commands.for_key(saga_id)]
     assert saga.state == SagaState.COMPLETED, saga.error
     pay = next(s for s in await store.stages(saga_id) if s.step == "pay")
     assert pay.status == StageStatus.SUCCEEDED and pay.res["ok"] is True and pay.res["amount"] == -250
@@ -416,7 +383,7 @@ async def test_reply_that_arrives_while_the_actor_is_dead_is_used_on_resume(
 ) -> None:
     async with Tap(kafka.bootstrap, MANUAL_TOPIC) as commands:
         saga_id = await call(client.start, "test:remote-manual", {"customer": "alice", "amount": 5})
-        records = await poll(lambda: commands.for_saga(saga_id), timeout=60, what="the command on Kafka")
+        records = await poll(lambda: commands.for_key(saga_id), timeout=60, what="the command on Kafka")
     command = body(records[0])
     assert command["kind"] == "run" and command["reply_topic"] == settings.kafka_reply_topic
 
@@ -466,7 +433,7 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
                 ids.append(str(found[0]["_id"]))
             await wait_relayed(tap, ids, [gateway, second], mongo)
             for saga_id in ids:
-                assert_published_in_order(tap.for_saga(saga_id))
+                assert_published_in_order(tap.for_key(saga_id))
         for c in correlations:
             assert len(await sagas_by_correlation(mongo, c)) == 1
         stats = [await g.stats.remote() for g in (gateway, second)]
@@ -579,7 +546,7 @@ async def test_broker_restart_loses_nothing_committed_to_the_outbox(
     saga_ids = [await call(client.start, "test:chain", {"gate": {"b": gate}}) for _ in range(6)]
     async with Tap(kafka.bootstrap, *LIFECYCLE) as before:
         for saga_id in saga_ids:
-            await poll(lambda s=saga_id: before.for_saga(s), timeout=60, what=f"saga.started of {saga_id}")
+            await poll(lambda s=saga_id: before.for_key(s), timeout=60, what=f"saga.started of {saga_id}")
         failures = (await gateway.stats.remote())["relay"]["events"].get("failures", 0)
 
     async def all_at_the_gate() -> bool:
@@ -615,4 +582,4 @@ async def test_broker_restart_loses_nothing_committed_to_the_outbox(
 
         await poll(all_marked, timeout=60, what="every row marked sent")
         for saga_id in saga_ids:
-            assert_published_in_order(after.for_saga(saga_id))
+            assert_published_in_order(after.for_key(saga_id))
