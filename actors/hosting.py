@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -34,11 +35,12 @@ async def drive(
     *,
     forward_metrics: bool = False,
     orchestrated: bool = False,
-) -> Saga | None:
+) -> Ended:
     """Run the saga to a terminal/parked state; never raise (the supervisor restores on failure).
 
-    Returns the saga as the runner left it (None when it did not finish here), so
-    the host can tell the supervisor, and its waiting callers, without a read.
+    Returns the saga as the runner left it (None when it did not finish here) and the
+    lease epoch this run held, so the host can tell the supervisor, and its waiting
+    callers, without a read — and the supervisor can tell a late notice of an earlier run.
 
     ``runners`` lets the hosting actor forward aborts to the live runner;
     ``pending_aborts`` holds aborts that arrived before the runner existed.
@@ -46,6 +48,7 @@ async def drive(
     to the ``essential:metrics`` actor and waits for them before returning.
     """
     observer: SagaMetrics | None = None
+    epoch: int | None = None
     logs.bind(saga=saga_id, where=where)  # this task's log context (each saga runs in its own task)
     try:
         runtime = await get_runtime(settings, ensure_indexes=False)
@@ -60,7 +63,7 @@ async def drive(
 
             if await is_recorded(runtime, saga_id):
                 await drive_recorded(saga_id, runtime, runners, pending_aborts, owner_label(where), observer)
-                return None
+                return Ended(None, None)
         runner = SagaRunner(
             saga_id,
             store=runtime.store,
@@ -73,8 +76,9 @@ async def drive(
         if saga_id in pending_aborts:
             runner.request_abort(pending_aborts.pop(saga_id))
         try:
-            return await runner.run()
+            return Ended(await runner.run(), runner.epoch)
         finally:
+            epoch = runner.epoch or None
             await runtime.store.release(saga_id)
     except LeaseLost as exc:
         log.warning("%s", exc)
@@ -86,6 +90,15 @@ async def drive(
         runners.pop(saga_id, None)
         if observer is not None:
             await observer.flush()
+    return Ended(None, epoch)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a run left its process: the saga as it ended (None: not finished here), and its lease epoch."""
+
+    saga: Saga | None
+    epoch: int | None
 
 
 class EndNotice:
@@ -100,10 +113,11 @@ class EndNotice:
         self.namespace = namespace
         self._supervisor: Any = None
 
-    def send(self, saga_id: str, saga: Saga | None) -> None:
+    def send(self, saga_id: str, ended: Ended) -> None:
         try:
             if self._supervisor is None:
                 self._supervisor = ray.get_actor(SUPERVISOR_NAME, namespace=self.namespace)
-            self._supervisor.saga_ended.remote(saga_id, saga.model_dump(mode="json") if saga else None)
+            saga = ended.saga.model_dump(mode="json") if ended.saga else None
+            self._supervisor.saga_ended.remote(saga_id, saga, ended.epoch)
         except Exception:  # noqa: BLE001 - no supervisor right now: its sweep covers it
             self._supervisor = None

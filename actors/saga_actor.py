@@ -52,11 +52,11 @@ class SagaActor:
 
     async def _drive(self) -> None:
         # forward_metrics: this process lives for one saga; its points go to the long-lived metrics actor
-        saga = await drive(
+        ended = await drive(
             self.saga_id, self.settings, self._runners, self._pending_aborts,
             where=actor_name(self.saga_id), forward_metrics=True, orchestrated=self.orchestrated,
         )  # fmt: skip
-        EndNotice(self.settings.get("namespace", "essential")).send(self.saga_id, saga)
+        EndNotice(self.settings.get("namespace", "essential")).send(self.saga_id, ended)
         if not self._run_called:
             await asyncio.sleep(LOST_RUN_CALL_GRACE)
             if not self._run_called:  # its launcher died before asking: nobody will end this actor

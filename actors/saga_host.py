@@ -19,7 +19,7 @@ import ray
 from orchestration import SagaRunner
 
 from .expiring import ExpiringMap
-from .hosting import EndNotice, drive
+from .hosting import EndNotice, Ended, drive
 
 
 def host_name(index: int) -> str:
@@ -71,8 +71,8 @@ class SagaHost:
     def _done(self, saga_id: str, task: asyncio.Task) -> None:
         self._tasks.pop(saga_id, None)
         self.completed += 1
-        saga = None if task.cancelled() or task.exception() is not None else task.result()
-        self._end_notice.send(saga_id, saga)
+        ended = None if task.cancelled() or task.exception() is not None else task.result()
+        self._end_notice.send(saga_id, ended or Ended(None, None))
 
     async def abort(self, saga_id: str, reason: str) -> bool:
         runner = self._runners.get(saga_id)

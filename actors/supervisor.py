@@ -33,6 +33,7 @@ from orchestration.states import TERMINAL_STATES
 
 from . import metrics, tracing
 from .hosting import SUPERVISOR_NAME
+from .expiring import ExpiringMap
 from .placement import Placement
 from .waiters import EndWatch
 from .runtime import Runtime, get_runtime, settings_from
@@ -64,6 +65,9 @@ class Supervisor:
         self._last_error: str | None = None
         self._end_watch: EndWatch | None = None
         self._backlog = False  # pending sagas wait for a dedicated slot
+        # saga id -> the lowest lease epoch a run of it can now hold (set when this supervisor resumes,
+        # aborts or restores it): an end notice from below is a late one of an earlier run
+        self._epoch_floor: Any = ExpiringMap(max_entries=100_000, idle=3600.0)
         # sweep from the start, also after Ray restarts this actor on another node:
         # recovery must not wait for a client to call
         self._boot = asyncio.get_running_loop().create_task(self._rt())
@@ -103,14 +107,23 @@ class Supervisor:
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
     @ray.method(max_task_retries=0)
-    async def saga_ended(self, saga_id: str, saga: dict[str, Any] | None = None) -> None:
+    async def saga_ended(self, saga_id: str, saga: dict[str, Any] | None = None, epoch: int | None = None) -> None:
         """A saga left its actor or host: hand it to its waiting callers, free its slot, and
         admit the oldest pending sagas into free slots now (not at the next sweep).
 
+        ``epoch``: the lease the run held. The notice is fire and forget, so it may arrive
+        after the saga was resumed or restored into a new run: a notice of an earlier run
+        (an epoch below what this supervisor handed on) is ignored whole — it must neither
+        end a wait for the new run nor free the new run's slot.
+
         Not retried (the class default retries forever): a host would keep resending to a
         supervisor that is gone; a lost notice is covered by the sweep and the end watch's poll."""
-        if saga is not None and self._end_watch is not None:
-            ended = Saga.model_validate(saga)
+        ended = Saga.model_validate(saga) if saga is not None else None
+        ran_at = ended.lease.epoch if ended is not None else epoch
+        if ran_at is not None and ran_at < self._epoch_floor.get(saga_id, 0):
+            return
+        self._epoch_floor.pop(saga_id, None)
+        if ended is not None and self._end_watch is not None:
             if ended.state in TERMINAL_STATES or ended.state == SagaState.PARKED:
                 self._end_watch.resolve(saga_id, ended)
         held_a_slot = saga_id in self.placement.dedicated or (self.placement.pooled and saga_id in self.placement.shared)
@@ -168,6 +181,7 @@ class Supervisor:
             saga = await rt.store.request_abort(saga_id, reason)
         except EssentialError as exc:
             return error_envelope(exc)
+        self._epoch_floor[saga.id] = saga.lease.epoch  # a parked saga aborted is a new run
         if saga.state not in TERMINAL_STATES:
             if saga_id in await self.placement.running({saga_id: saga.job}):
                 await self.placement.notify_abort(saga_id, saga.job, reason)
@@ -295,6 +309,7 @@ class Supervisor:
                 await self._park(saga_id, f"restored {conf.max_restore_attempts} times without progress")
                 counts["parked"] += 1
                 continue
+            self._epoch_floor[saga_id] = saga.lease.epoch + 1  # the restored run takes the next lease
             place.launch(saga_id, saga.job)
             counts["restored"] += 1
             metrics.saga_restored(saga.job)
@@ -385,6 +400,7 @@ class Supervisor:
             saga = await rt.store.resume(saga_id)
         except EssentialError as exc:
             return error_envelope(exc)
+        self._epoch_floor[saga.id] = saga.lease.epoch
         if self.placement.has_room(saga.job):  # else the sweep restores it once a slot frees
             self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}

@@ -805,8 +805,10 @@ class MongoSagaStore:
         fields: dict[str, Any] = {
             "state": back.value, "parked_reason": None, "parked_from": None, "restore_attempts": 0,
         }
-        if abort_reason is not None and back == SagaState.RUNNING:
-            fields["abort_requested"] = abort_reason
+        if abort_reason is not None and back in (SagaState.RUNNING, SagaState.WAITING):
+            fields["abort_requested"] = abort_reason  # kept until carried out, even if it parks again
+            if back == SagaState.WAITING:
+                fields["wake_at"] = _utcnow()  # relaunched now to compensate, not when its wait ends
         await self.sagas.update_one(
             {"_id": oid(saga_id), "state": SagaState.PARKED.value}, {"$set": fields, "$inc": {"lease.epoch": 1}}
         )

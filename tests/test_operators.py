@@ -31,7 +31,7 @@ from actors.tracing import TRACEPARENT, valid
 from orchestration import SagaState
 from orchestration.states import Action
 
-from .conftest import REPO, poll
+from .conftest import JOBS_DB, REPO, poll
 
 
 NS = "essential_ops"
@@ -169,10 +169,11 @@ def alive_actors(namespace: str) -> list[Any]:
     return [a for a in actors if a.ray_namespace == namespace]
 
 
-async def test_state_api_shows_an_actor_for_exactly_the_live_sagas(ops: tuple[Any, Any]) -> None:
+async def test_state_api_shows_an_actor_for_exactly_the_live_sagas(ops: tuple[Any, Any], mongo: Any) -> None:
     client, store = ops
-    # three run (max_live_sagas=3) and sleep in step b; two wait as pending, without an actor
-    ids = await call(client.start_many, [{"job": "ops:actors", "payload": {"sleep": {"b": 6}}}] * 5)
+    # three run (max_live_sagas=3) and are held in step b; two wait as pending, without an actor
+    gate = f"g-{uuid.uuid4().hex}"
+    ids = await call(client.start_many, [{"job": "ops:actors", "payload": {"gate": {"b": gate}}}] * 5)
     live_states = {SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.COMMITTING.value}
     seen: dict[str, Any] = {}
 
@@ -194,6 +195,7 @@ async def test_state_api_shows_an_actor_for_exactly_the_live_sagas(ops: tuple[An
     assert named[GATEWAY_NAME].repr_name == f"Gateway({GATEWAY_NAME})"
     assert named[GATEWAY_NAME].class_name == "Gateway"
 
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})
     for saga_id in ids:
         assert (await call(client.wait, saga_id, 120)).state == SagaState.COMPLETED
 
@@ -280,20 +282,25 @@ async def test_gauges_report_parked_pending_live_and_outbox(ops: tuple[Any, Any]
         raise AssertionError(f"gauges: {last} (parked in MongoDB: {parked})") from None
 
 
-async def test_restore_is_counted(ops: tuple[Any, Any]) -> None:
+async def test_restore_is_counted(ops: tuple[Any, Any], mongo: Any) -> None:
     client, store = ops
     job = "ops:restore"
     before = await call(snapshot, job)
-    saga_id = await call(client.start, job, {"sleep": {"b": 3}})
+    gate = f"g-{uuid.uuid4().hex}"  # b is still running when its actor is killed, however slow the machine
+    saga_id = await call(client.start, job, {"gate": {"b": gate}})
 
     async def in_b() -> bool:
-        return any(s.step == "b" for s in await store.stages(saga_id))
+        running = await mongo[JOBS_DB].calls.count_documents({"saga": saga_id, "step": "b"}) == 1
+        return running and any(s.step == "b" for s in await store.stages(saga_id))
 
     await poll(in_b, timeout=60, what="step b to start")
     actor = ray.get_actor(f"saga:{saga_id}", namespace=NS)
     os.kill(await actor.pid.remote(), signal.SIGKILL)
+    await mongo[JOBS_DB].gates.insert_one({"_id": gate})  # the restored run of b goes through
     saga = await call(client.wait, saga_id, 120)
     assert saga.state == SagaState.COMPLETED and saga.lease.epoch >= 2
+    b_runs = await mongo[JOBS_DB].calls.count_documents({"saga": saga_id, "step": "b", "kind": "run"})
+    assert b_runs == 2, "the killed run of b was cut off and run again by the restored actor"
     await counters_become(job, before, {"started": 1, "completed": 1, "restores": 1})
 
 
