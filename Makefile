@@ -29,6 +29,14 @@ test: bytecode
 bench: bytecode
 	$(BIN)/python -m bench.saga_bench
 
+# Randomized fault soak, 1.5-3 min per placement (at most ~10): each placement in turn, or PLACEMENT=pooled for one;
+# SOAK_ARGS passes options through (e.g. SOAK_ARGS="--seed 7", or "--sagas 40 --kill-for 20" for a short run).
+.PHONY: soak
+soak: bytecode
+	@status=0; for placement in $(or $(PLACEMENT),dedicated pooled shared); do \
+	  $(BIN)/python -m bench.soak --placement $$placement $(SOAK_ARGS) || status=1; \
+	done; exit $$status
+
 up: bytecode
 	$(BIN)/essential up
 
