@@ -255,7 +255,8 @@ class GatewayService:
             "commands": dict(self.commands.counts) if self.commands else {},
             "replies": dict(self.replies.counts) if self.replies else {},
             "consumers": {
-                loop.name: {"partitions": loop.assignment(), "waiting": loop.lanes(), "restarts": loop.restarts,
+                loop.name: {"partitions": loop.assignment(), "waiting": loop.lanes(), "offsets": loop.offsets(),
+                            "restarts": loop.restarts,
                             "retries": loop.retries, **loop.counts}
                 for loop in self.loops
             },  # fmt: skip

@@ -70,6 +70,8 @@ LANE_RECORDS = 200  # a lane holding this many waiting records is paused
 LANE_BYTES = 8 * 1024 * 1024  # ... or this many bytes
 COMMIT_EVERY = 50  # a busy lane commits at least this often
 PROBE_MS = 1000  # how long a probe for an undecodable record waits for a partition's records
+POSITION_CHECK_S = 5.0  # how often positions are compared with the ends of the partitions' logs
+STALL_CHECKS = 2  # checks in a row without progress, records waiting on the broker: the fetcher is wedged
 
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
@@ -80,6 +82,10 @@ def _size(item: ConsumerRecord | Unreadable) -> int:
     if isinstance(item, Unreadable):
         return 0
     return len(item.value or b"") + len(item.key or b"")
+
+
+class StalledFetch(KafkaError):
+    """The client stopped fetching a partition that has records: the consumer must be recreated."""
 
 
 @dataclass(eq=False)
@@ -155,12 +161,73 @@ class ConsumerLoop:
                 await asyncio.sleep(backoff(attempt))
             finally:
                 await self._drop(set(self._lanes), commit=False)
-                try:
-                    await consumer.stop()
-                except Exception:  # noqa: BLE001 - stopping a broken consumer
-                    pass
+                try:  # bounded: a consumer wedged after a broker restart may never finish stopping
+                    await asyncio.wait_for(consumer.stop(), self.settings.kafka_request_timeout)
+                except Exception as exc:  # noqa: BLE001 - stopping a broken consumer
+                    log.warning("%s: the old consumer did not stop cleanly (%s)", self.name, describe(exc))
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> None:
+        """Fetch records, with the positions watched beside (a check waiting for a broker must
+        never hold up the records); whichever fails first ends both, and the consumer is recreated."""
+        tasks = [asyncio.create_task(self._fetch_records(consumer), name=f"{self.name}-fetch"),
+                 asyncio.create_task(self._watch_positions(consumer), name=f"{self.name}-positions")]  # fmt: skip
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_positions(self, consumer: AIOKafkaConsumer) -> None:
+        """Every few seconds, compare each partition's position with the end of its log.
+
+        Past the end: the broker lost its log (the dev broker restarts empty) and answers a
+        fetch there with nothing, taking the old position as a commit: every message sent
+        after the restart would be skipped for ever, so the partition is read again from its
+        start (repeats are applied once anyway: the command log, idempotency keys).
+        Behind the end with no progress over two checks while its lane waits for nothing:
+        the client's fetcher is wedged (seen after a broker restart), so the consumer is
+        recreated (:class:`StalledFetch`)."""
+        behind: dict[TopicPartition, tuple[int, int]] = {}  # partition -> (position, checks without progress)
+        while True:
+            await asyncio.sleep(POSITION_CHECK_S)
+            for tp in list(consumer.assignment()):
+                try:  # one partition at a time: one the broker does not know yet must not hide the others
+                    position, end = await asyncio.wait_for(self._position_and_end(consumer, tp),
+                                                           self.settings.kafka_request_timeout)  # fmt: skip
+                except (KafkaError, asyncio.TimeoutError) as exc:  # the broker is away: the next round looks again
+                    log.debug("%s: position check of %s failed: %s", self.name, tp, describe(exc))
+                    continue
+                if end is None:
+                    continue
+                if position > end:
+                    log.warning("%s: %s is at offset %d past the log's end %d (the broker lost its log); "
+                                "reading it again from the start", self.name, tp, position, end)  # fmt: skip
+                    await consumer.seek_to_beginning(tp)
+                    lane = self._lanes.get(tp)
+                    if lane is not None:
+                        lane.committed = None  # the next commit must go through, even if lower
+                    behind.pop(tp, None)
+                    continue
+                lane = self._lanes.get(tp)
+                if position == end or (lane is not None and (lane.paused or lane.queue)):
+                    behind.pop(tp, None)
+                    continue
+                last, checks = behind.get(tp, (-1, 0))
+                checks = checks + 1 if last == position else 0
+                behind[tp] = (position, checks)
+                if checks >= STALL_CHECKS:
+                    raise StalledFetch(f"{tp} stayed at offset {position} below the log's end {end} "
+                                       f"for {checks * POSITION_CHECK_S:g}s with nothing waiting")  # fmt: skip
+
+    @staticmethod
+    async def _position_and_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> tuple[int, int | None]:
+        end = (await consumer.end_offsets([tp])).get(tp)
+        return await consumer.position(tp), end
+
+    async def _fetch_records(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             try:
                 batches = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS)
@@ -184,6 +251,11 @@ class ConsumerLoop:
     def lanes(self) -> dict[int, int]:
         """Records waiting per partition (a lane retrying a message shows its backlog here)."""
         return {tp.partition: len(lane.queue) for tp, lane in self._lanes.items()}
+
+    def offsets(self) -> dict[int, dict[str, int | None]]:
+        """Per partition: the offset after the last record fetched, and the last one committed."""
+        return {tp.partition: {"fetched": lane.next_offset, "committed": lane.committed}
+                for tp, lane in self._lanes.items()}  # fmt: skip
 
     # -- lanes ------------------------------------------------------------------------------
     def _lane(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> _Lane:

@@ -23,12 +23,12 @@ import ray
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from actors.gateway import GATEWAY_NAME, ensure_gateway
+from actors.gateway import ensure_gateway
 from actors.saga_actor import actor_name
 from orchestration import SagaState
 from orchestration.states import Action, StageStatus
 
-from .kafka_tools import Tap
+from .kafka_tools import Tap, stop_gateway
 from .conftest import JOBS_DB, REPO, TEST_DB, poll
 from .jobs import MANUAL_TOPIC, PAYMENTS_TOPIC
 
@@ -119,18 +119,7 @@ async def gateway(ray_session: Any, client: Any, settings: Any, store: Any) -> A
     handle = await call(ensure_gateway, settings.model_copy(update={"kafka_fault_gates": True}))
     assert await handle.ready.remote(120), "the gateway did not become ready"
     yield handle
-    await call(_stop_actor, GATEWAY_NAME)
-
-
-def _stop_actor(name: str) -> None:
-    try:
-        handle = ray.get_actor(name, namespace="essential")
-    except ValueError:
-        return
-    try:
-        ray.get(handle.stop.remote(), timeout=60)  # leaves the consumer group at once
-    finally:
-        ray.kill(handle, no_restart=True)
+    await call(stop_gateway)
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +430,7 @@ async def test_two_gateways_share_the_work_and_apply_each_command_once(
             "both gateways applied commands", [s["commands"] for s in stats]
         )
     finally:
-        await call(_stop_actor, "essential:gateway-2")
+        await call(stop_gateway, "essential", "essential:gateway-2")
 
 
 async def test_killed_gateway_comes_back_and_applies_no_command_twice(
@@ -583,3 +572,46 @@ async def test_broker_restart_loses_nothing_committed_to_the_outbox(
         await poll(all_marked, timeout=60, what="every row marked sent")
         for saga_id in saga_ids:
             assert_published_in_order(after.for_key(saga_id))
+
+
+async def test_commands_sent_after_the_broker_lost_its_log_are_not_skipped(
+    gateway: Any, kafka: Any, mongo: Any, settings: Any
+) -> None:
+    """The dev broker restarts empty, yet the gateway's consumer kept its old position (and committed
+    it to the new broker): offsets below it — every command sent after the restart — were never read.
+    Run after another broker restart (as in this module), the client's fetcher could also stop
+    fetching a partition that has records, and its consumer never finished stopping."""
+    run = uuid.uuid4().hex[:8]
+    before = [f"{run}-before-{i}" for i in range(4)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for correlation in before:
+            await producer.send_and_wait(settings.kafka_command_topic, partition=0, value=start_command(
+                "test:chain", idempotency_key=correlation, correlation_id=correlation))  # fmt: skip
+        for correlation in before:
+            await poll(lambda c=correlation: sagas_by_correlation(mongo, c), timeout=60, what=f"saga {correlation}")
+    finally:
+        await producer.stop()
+
+    kafka.kill()
+    kafka.start()  # empty: no topics, no committed offsets — the consumer still remembers offset 4
+    after = f"{run}-after"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        async def sent() -> bool:
+            try:
+                await producer.send_and_wait(settings.kafka_command_topic, partition=0, value=start_command(
+                    "test:chain", idempotency_key=after, correlation_id=after))  # fmt: skip
+                return True
+            except Exception:  # the topic is being recreated
+                return False
+
+        await poll(sent, timeout=60, interval=0.5, what="the command sent to the restarted broker")
+        try:
+            await poll(lambda: sagas_by_correlation(mongo, after), timeout=120, what="the command sent after the restart")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; gateway {await gateway.stats.remote()}") from None
+    finally:
+        await producer.stop()
