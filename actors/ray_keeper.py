@@ -39,20 +39,28 @@ def write_json_atomic(path: Path, data: dict[str, object]) -> None:
 
 
 def _wait_for_job_agent(node_id: str, timeout: float = 120.0) -> None:
-    """Until the head's dashboard agent has registered and listens: before that, `ray job submit`
-    is refused ("No available agent to submit job"), so the head is not ready for its users."""
+    """Until the job head can hand a submission to this node's agent: it needs the agent's
+    address and the head node's id in GCS, both written asynchronously after ``ray.init``
+    returns (the id by the dashboard's node module). Before both are there, and for longer
+    than Ray's 10 s patience on a loaded machine, `ray job submit` is refused with
+    "No available agent to submit job", so the head is not ready for its users."""
     import json
     import socket
     import time
 
-    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray._private.ray_constants import (
+        KV_HEAD_NODE_ID_KEY,
+        KV_NAMESPACE_DASHBOARD,
+        KV_NAMESPACE_JOB,
+    )
     from ray.experimental.internal_kv import _internal_kv_get
 
-    key = f"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:{node_id}"
+    agent_key = f"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:{node_id}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD)
-        if value:
+        head = _internal_kv_get(KV_HEAD_NODE_ID_KEY, namespace=KV_NAMESPACE_JOB)
+        value = _internal_kv_get(agent_key, namespace=KV_NAMESPACE_DASHBOARD)
+        if head and value:
             ip, http_port = json.loads(value.decode())[:2]
             try:
                 with socket.create_connection((ip, int(http_port)), timeout=1.0):
