@@ -161,7 +161,7 @@ remote_timeout = _remote("test:remote-timeout", topic=PAYMENTS_TOPIC, reply_time
 remote_manual = _remote("test:remote-manual", topic=MANUAL_TOPIC, reply_timeout=240)
 
 
-# --------------------------------------------------------------------------- issue 9: beyond a chain
+# --------------------------------------------------------------------------- beyond a chain
 class FlowKnobs(Knobs):
     """Knobs of the jobs below: what their waits, timers, children and locks use."""
 

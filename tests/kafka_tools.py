@@ -1,4 +1,5 @@
-"""Kafka helpers for the boundary tests: a tap that records every message, and a hostile producer.
+"""Kafka helpers for the boundary tests: a tap that records every message, a hostile producer, and
+the clean stop of a gateway actor.
 
 The hostile producer writes what a well-behaved client library refuses to: a
 record whose header key is not UTF-8 (built with aiokafka's own batch builder,
@@ -15,6 +16,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import ConsumerRecord, RecordMetadata
+
+from actors.gateway import GATEWAY_NAME
 
 #: where the CRC of a v2 record batch sits, and where the bytes it covers start
 _CRC_AT, _CRC_FROM, _BATCH_HEADER = 17, 21, 61
@@ -80,3 +83,17 @@ async def send_with_raw_header_key(
     buffer[at : at + len(header_key)] = header_key
     struct.pack_into(">I", buffer, _CRC_AT, calc_crc32c(bytes(buffer[_CRC_FROM:])))
     return await (await producer.send_batch(batch, topic, partition=partition))
+
+
+def stop_gateway(namespace: str = "essential", name: str = GATEWAY_NAME) -> None:
+    """Stop a gateway as a deployment would (it leaves its consumer groups at once), then end its actor."""
+    import ray
+
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return
+    try:
+        ray.get(handle.stop.remote(), timeout=60)
+    finally:
+        ray.kill(handle, no_restart=True)

@@ -6,14 +6,14 @@ import json
 from typing import Any, AsyncIterator
 
 import pytest
-import ray
 from aiokafka import AIOKafkaProducer
 
-from actors.gateway import GATEWAY_NAME, ensure_gateway
+from actors.gateway import ensure_gateway
 from actors.kafka_commands import Rejection, SignalCommand, parse_command
 from orchestration import SagaState
 
 from .conftest import poll
+from .kafka_tools import stop_gateway
 
 pytestmark = pytest.mark.asyncio
 
@@ -27,18 +27,7 @@ async def gateway(ray_session: Any, client: Any, settings: Any, store: Any) -> A
     handle = await call(ensure_gateway, settings)
     assert await handle.ready.remote(120), "the gateway did not become ready"
     yield handle
-    await call(_stop, GATEWAY_NAME)
-
-
-def _stop(name: str) -> None:
-    try:
-        handle = ray.get_actor(name, namespace="essential")
-    except ValueError:
-        return
-    try:
-        ray.get(handle.stop.remote(), timeout=60)
-    finally:
-        ray.kill(handle, no_restart=True)
+    await call(stop_gateway)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import pytest
-import ray
 from aiokafka import AIOKafkaProducer
 
-from actors.gateway import GATEWAY_NAME, ensure_gateway
+from actors.gateway import ensure_gateway
 
 from .conftest import poll
-from .kafka_tools import Tap, headers, send_with_raw_header_key
+from .kafka_tools import Tap, headers, send_with_raw_header_key, stop_gateway
 
 pytestmark = pytest.mark.asyncio
 
@@ -115,18 +114,7 @@ async def boundary(deployment: Any, settings: Any, producer: AIOKafkaProducer, m
 
     await poll(holds_every_partition, timeout=120, what="the gateway to hold every command partition")
     yield Boundary(client, store, conf, gateway, producer, mongo)
-    await call(_stop_gateway, NAME)
-
-
-def _stop_gateway(namespace: str) -> None:
-    try:
-        handle = ray.get_actor(GATEWAY_NAME, namespace=namespace)
-    except ValueError:
-        return
-    try:
-        ray.get(handle.stop.remote(), timeout=60)
-    finally:
-        ray.kill(handle, no_restart=True)
+    await call(stop_gateway, NAME)
 
 
 async def send(b: Boundary, bad: Bad, partition: int) -> tuple[int, int]:

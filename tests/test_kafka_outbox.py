@@ -16,11 +16,10 @@ from datetime import timedelta
 from typing import Any, AsyncIterator
 
 import pytest
-import ray
 from aiokafka import AIOKafkaProducer
 from bson import ObjectId
 
-from actors.gateway import GATEWAY_NAME, GatewayService, ensure_gateway
+from actors.gateway import GatewayService, ensure_gateway
 from orchestration import SagaState
 from orchestration.models import Event, new_id
 from orchestration.states import EventType
@@ -30,7 +29,7 @@ from persistence.outbox import OutboxQueue, utcnow
 
 from .conftest import TEST_DB, poll
 from .jobs import PAYMENTS_TOPIC
-from .kafka_tools import Tap, body, headers
+from .kafka_tools import Tap, body, headers, stop_gateway
 
 pytestmark = pytest.mark.asyncio
 
@@ -192,24 +191,13 @@ async def producer(kafka: Any) -> AsyncIterator[AIOKafkaProducer]:
     await p.stop()
 
 
-def _stop_gateway() -> None:
-    try:
-        handle = ray.get_actor(GATEWAY_NAME, namespace="essential")
-    except ValueError:
-        return
-    try:
-        ray.get(handle.stop.remote(), timeout=60)
-    finally:
-        ray.kill(handle, no_restart=True)
-
-
 async def test_a_run_command_kafka_never_took_is_not_delivered_once_its_step_is_compensated(
     ray_session: Any, client: Any, settings: Any, store: Any, mongo: Any, kafka: Any, producer: AIOKafkaProducer
 ) -> None:
     """No gateway runs (Kafka is out of reach for the relay): the step's command stays queued, the step
     times out and is compensated.  When Kafka comes back, the participant must not get the stale
     ``run`` before (or after) the ``compensate``: it would apply an operation being undone."""
-    await call(_stop_gateway)
+    await call(stop_gateway)
     saga_id = await call(client.start, "test:remote-timeout", {"customer": "bob", "amount": 1, "silent": True})
     rows = mongo[TEST_DB][command_outbox.COLLECTION]
     compensate = await poll(lambda: rows.find_one({"saga": ObjectId(saga_id), "kind": "compensate"}), timeout=90,
@@ -231,4 +219,4 @@ async def test_a_run_command_kafka_never_took_is_not_delivered_once_its_step_is_
         run = await rows.find_one({"_id": command_outbox.command_id(saga_id, compensate["seq"], "run")})
         assert run["sent_at"] is None and run.get("withdrawn_at") is not None, run
     finally:
-        await call(_stop_gateway)
+        await call(stop_gateway)

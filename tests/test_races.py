@@ -555,7 +555,6 @@ async def test_a_malformed_saga_document_is_quarantined_and_never_stops_the_swee
 
     from tests.test_saga_runtime import call
 
-    from .conftest import poll
 
     name = "essential_quarantine"
     client, store = await deployment(name)

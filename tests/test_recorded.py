@@ -38,6 +38,7 @@ from orchestration.recorded import (
 from orchestration.states import Action
 
 from .conftest import poll
+from .kafka_tools import stop_gateway
 
 SHOP, BANK = "rtshop", "rtbank"  # the service's two databases: buckets rtshop.* and rtbank.*
 
@@ -377,20 +378,7 @@ async def kafka_deployment(deployment: Any, settings: Any, kafka: Any) -> AsyncI
     gateway = await call(ensure_gateway, conf)
     assert await gateway.ready.remote(120), "the gateway did not become ready"
     yield client, store, conf
-    await call(_stop_gateway, name)
-
-
-def _stop_gateway(namespace: str) -> None:
-    from actors.gateway import GATEWAY_NAME
-
-    try:
-        handle = ray.get_actor(GATEWAY_NAME, namespace=namespace)
-    except ValueError:
-        return
-    try:
-        ray.get(handle.stop.remote(), timeout=60)
-    finally:
-        ray.kill(handle, no_restart=True)
+    await call(stop_gateway, name)
 
 
 class PaymentsService:
