@@ -255,7 +255,7 @@ class EssentialClient:
         """
         return Saga.model_validate(_unwrap(ray.get(self.supervisor.signal.remote(saga_id, name, payload, key)))["saga"])
 
-    # -- issue 5: recorded sagas (additive) ------------------------------------------------------
+    # -- recorded sagas ------------------------------------------------------------------------
     @property
     def recorded(self) -> Any:
         """The platform's start / add / commit / abort API: :class:`actors.recorded.RecordedClient`."""

@@ -245,7 +245,7 @@ class Placement:
         replies = await asyncio.gather(*(h.stats.remote() for h in self._hosts.values()), return_exceptions=True)
         return [r for r in replies if isinstance(r, dict)]
 
-    # -- recorded sagas (issue 5): add/commit/abort reach the actor or host that drives the saga --
+    # -- recorded sagas: add/commit/abort reach the actor or host that drives the saga --
     def dedicated_handle(self, saga_id: str) -> Any:
         """The saga's ``saga:<id>`` actor, or None (blocking: a GCS round trip)."""
         return self._dedicated_handle(saga_id)

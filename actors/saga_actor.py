@@ -83,7 +83,7 @@ class SagaActor:
         """Answers only while this process's event loop runs: how the supervisor tells a hung actor."""
         return True
 
-    # -- issue 5: a recorded saga's add/commit/abort, decided by its runner in this actor --------
+    # -- a recorded saga's add/commit/abort, decided by its runner in this actor ----------------
     async def recorded(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         from .recorded import dispatch
 

@@ -98,7 +98,7 @@ class SagaHost:
     async def pid(self) -> int:
         return os.getpid()
 
-    # -- issue 5: a recorded saga's add/commit/abort, decided by its runner in this host ----------
+    # -- a recorded saga's add/commit/abort, decided by its runner in this host ------------------
     async def recorded(self, saga_id: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
         from .recorded import dispatch
 

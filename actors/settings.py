@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     ray_port: int = Field(6389, description="GCS port of the local Ray head (essential up)")
     dashboard_port: int = Field(8265, description="Ray dashboard port (essential up)")
 
-    # -- Kafka gateway (issue 4) -------------------------------------------------------------
+    # -- Kafka gateway -----------------------------------------------------------------------
     kafka_command_topic: str = Field("saga.commands", description="JSON commands (start, abort, commit) the gateway applies")
     kafka_dlq_topic: str = Field(
         "saga.commands.dlq", description="rejected commands: the original bytes plus dlq.* headers saying why"
@@ -144,13 +144,13 @@ class Settings(BaseSettings):
         ),
     )
 
-    # -- operators (issue 6) --------------------------------------------------------------------
+    # -- operators ------------------------------------------------------------------------------
     log_format: Literal["kv", "json"] = Field(
         "kv", description="saga processes' log lines: key=value text or one JSON object per line"
     )
     log_level: str = Field("INFO", description="level of Essential's loggers in saga processes")
 
-    # -- recorded sagas and the HTTP API (issue 5) ----------------------------------------------
+    # -- recorded sagas and the HTTP API --------------------------------------------------------
     recorded_default_job: str = Field("recorded", description="job label of a recorded saga started without one")
     recorded_buckets: dict[str, Any] = Field(
         default_factory=dict,

@@ -405,7 +405,7 @@ class Supervisor:
             self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}
 
-    # -- issue 9: signals and waiting sagas (additive) -----------------------------------------
+    # -- signals and waiting sagas ---------------------------------------------------
     async def signal(
         self, saga_id: str, name: str, payload: Any = None, key: str | None = None
     ) -> dict[str, Any]:
@@ -432,7 +432,7 @@ class Supervisor:
             woken += 1
         return woken
 
-    # -- issue 5: recorded sagas - start / add / commit / abort and their reads (additive) ----------
+    # -- recorded sagas: start / add / commit / abort and their reads ---------------------
     async def recorded(self, op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``op`` of :class:`actors.recorded.RecordedService` (start, add, commit, abort, get, stages,
         list, count, stage_list); returns ``{"saga"|"stage"|"sagas"|"stages"|"total": ...}`` or ``{"error": ...}``."""

@@ -1,4 +1,4 @@
-"""The benchmark workload: the 4-step order saga of issue 7.
+"""The benchmark workload: a 4-step order saga whose last step fails for every tenth order.
 
 Each step is one transactional MongoDB write keyed by the step's idempotency
 key (a ledger row plus a counter), like a real service; 10 % of the sagas fail

@@ -2,7 +2,7 @@
 
     python -m bench.saga_bench            # or: make bench / essential bench
 
-Workload (issue 7): the 4-step order saga of ``bench/jobs.py``, one transactional
+Workload: the 4-step order saga of ``bench/jobs.py``, one transactional
 MongoDB write per step, 10 % failing at the last step (three compensations).
 Modes, each against a fresh embedded MongoDB (``--sync-on-commit``) in the same run:
 
