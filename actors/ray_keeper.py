@@ -7,6 +7,13 @@ and a reaper as its children; ``ray.shutdown()`` on SIGTERM stops all of them,
 and if the keeper is SIGKILLed Ray's reaper kills the keeper's process group.
 The launcher starts the keeper in a new session, so that group is only ours.
 
+Dashboard agent: ``ray.init`` always gives the head's dashboard agent Ray's
+default HTTP port (52365) and has no argument to change it; with another Ray
+head on the machine (a second deployment, a test suite's own Ray) that port is
+taken, the agent never registers and every ``ray job submit`` is refused ("No
+available agent to submit job"). The keeper therefore hands Ray's parameters a
+free port of its own (:func:`_own_agent_port`).
+
 Binding: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` must be set before Ray is
 imported, otherwise Linux Ray resolves ``127.0.0.1`` to the machine's external
 address. ``RAY_GCS_SERVER_PORT`` fixes the GCS port (``ray.init`` has no
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -38,14 +46,31 @@ def write_json_atomic(path: Path, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def _own_agent_port(port: int) -> None:
+    """Make the head started by ``ray.init`` give its dashboard agent ``port`` (see the module docstring)."""
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
+
+
 def _wait_for_job_agent(node_id: str, timeout: float = 120.0) -> None:
     """Until the job head can hand a submission to this node's agent: it needs the agent's
     address and the head node's id in GCS, both written asynchronously after ``ray.init``
     returns (the id by the dashboard's node module). Before both are there, and for longer
     than Ray's 10 s patience on a loaded machine, `ray job submit` is refused with
     "No available agent to submit job", so the head is not ready for its users."""
-    import json
-    import socket
     import time
 
     from ray._private.ray_constants import (
@@ -76,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--info", type=Path, required=True, help="JSON file to write the head's addresses to")
     parser.add_argument("--gcs-port", type=int, default=0, help="GCS port (0: Ray picks one)")
     parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--agent-port", type=int, default=0, help="the dashboard agent's HTTP port (0: a free one)")
     parser.add_argument("--no-dashboard", action="store_true")
     parser.add_argument("--namespace", default="essential")
     parser.add_argument("--num-cpus", type=int, default=None)
@@ -90,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import ray
 
+    if not args.no_dashboard:
+        _own_agent_port(args.agent_port or _free_port())
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: object) -> None:

@@ -12,8 +12,10 @@ process the stack started may be alive (checked by PID and by session).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -137,9 +139,28 @@ def test_readme_blocks_are_all_run_or_say_why_not() -> None:
             assert len(block.skip) > 10, f"README line {block.line}: say why the block is not run"
 
 
+#: the HTTP port Ray gives a dashboard agent when nobody says otherwise
+RAY_DEFAULT_AGENT_PORT = 52365
+
+
+@pytest.fixture
+def another_ray_head_on_the_machine() -> Iterator[None]:
+    """What a second Ray head (another deployment, the test suite's own Ray) does to a new one: it
+    already holds the default dashboard-agent port. Held here whether or not such a head runs."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", RAY_DEFAULT_AGENT_PORT))
+            holder.listen()
+        except OSError:  # taken already: by another Ray head, which is the point
+            pass
+        yield
+
+
 @pytest.mark.slow
-def test_every_readme_command_works_from_a_fresh_shell(tmp_path: Path) -> None:
-    """`essential up`, the CLI, Python, recorded-saga, HTTP and Ray Jobs examples, `essential down`: as written."""
+def test_every_readme_command_works_from_a_fresh_shell(tmp_path: Path, another_ray_head_on_the_machine: None) -> None:
+    """`essential up`, the CLI, Python, recorded-saga, HTTP and Ray Jobs examples, `essential down`: as written,
+    also while another Ray head holds the default dashboard-agent port (Ray Jobs were refused then)."""
     home = tmp_path / "home"
     env = scrubbed_env(home)
     blocks = [b for b in read_blocks(README) if b.runs]
