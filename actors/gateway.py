@@ -38,6 +38,7 @@ from persistence.connection import shared_client
 from persistence.inbox import CommandLog
 from persistence.outbox import OutboxQueue, utcnow
 
+from . import broker_watch
 from .broker_watch import BrokerWatch, canary_topic
 from .command_handler import CommandHandler
 from .embedded_kafka import ensure_topics
@@ -119,6 +120,18 @@ class GatewayService:
                             type(exc).__name__, exc)  # fmt: skip
                 await asyncio.sleep(backoff(attempt, base=0.2))
         self._build(self.db, self.producer)
+        attempt = 0
+        while self.watch is not None:  # before the relays publish: a lost log is re-published first, in order
+            attempt += 1
+            try:
+                await self._check_broker()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Kafka away: wait for it
+                log.warning("gateway %s: first broker check failed (%s: %s); retrying", self.owner,
+                            type(exc).__name__, exc)  # fmt: skip
+                await asyncio.sleep(backoff(attempt, base=0.2))
 
     async def _prepare_database(self, db: AsyncDatabase) -> None:
         events = OutboxQueue(db["outbox"], self.owner)
@@ -140,7 +153,7 @@ class GatewayService:
     def _build(self, db: AsyncDatabase, producer: AIOKafkaProducer) -> None:
         conf = self.settings
         if watch_restarts(conf):
-            self.watch = BrokerWatch(producer, self.owner)
+            self.watch = BrokerWatch(producer, self.owner, db[broker_watch.COLLECTION])
         relay = {"batch_size": conf.relay_batch_size, "lease": conf.relay_lease_seconds,
                  "poll_interval": conf.relay_poll_interval, "watch": self.watch,
                  "before_resume": self._check_broker if self.watch else None}  # fmt: skip

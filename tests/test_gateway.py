@@ -615,3 +615,30 @@ async def test_commands_sent_after_the_broker_lost_its_log_are_not_skipped(
             raise AssertionError(f"{exc}; gateway {await gateway.stats.remote()}") from None
     finally:
         await producer.stop()
+
+
+async def test_events_lost_with_the_broker_while_the_gateway_died_too_are_published_again(
+    gateway: Any, kafka: Any, client: Any, mongo: Any, settings: Any
+) -> None:
+    """The broker restarts empty while the gateway is dead (a machine restart): the gateway that
+    comes back must still know its last good canary, or it takes the new log's first canary for
+    its baseline and never re-publishes the rows it had marked sent that the broker lost."""
+    saga_ids = [await call(client.start, "test:chain", {}) for _ in range(3)]
+    for saga_id in saga_ids:
+        await wait_saga(client, saga_id)
+    oids = [pay_saga(s) for s in saga_ids]
+
+    async def all_marked() -> bool:
+        return await mongo[TEST_DB].outbox.count_documents({"saga": {"$in": oids}, "sent_at": None}) == 0
+
+    await poll(all_marked, timeout=60, interval=0.1, what="every row of the sagas marked sent")
+    pid = await gateway.pid.remote()
+    kafka.kill()  # first the broker: the dying gateway cannot take a good canary from it any more
+    os.kill(pid, signal.SIGKILL)
+    kafka.start()  # empty
+    assert await gateway.ready.remote(120), "Ray restarts the gateway (max_restarts=-1)"
+    assert await gateway.pid.remote() != pid
+    async with Tap(kafka.bootstrap, *LIFECYCLE) as after:
+        await wait_relayed(after, saga_ids, [gateway], mongo, timeout=90)
+        for saga_id in saga_ids:
+            assert_published_in_order(after.for_key(saga_id))

@@ -268,8 +268,13 @@ async def test_parked_saga_waits_for_an_operator(client: Any, store: Any, mongo:
     assert (await call(client.wait, saga.id, 60)).state == SagaState.COMPLETED
 
 
+SOAK_SAGAS, SOAK_KILLS = 60, 12
+
+
 @pytest.mark.timeout(600)
 async def test_randomized_soak_with_actor_kills(client: Any, store: Any, mongo: Any) -> None:
+    """A short in-suite soak: saga actors SIGKILLed at random while a batch waits for admission.
+    The long one, killing every part of the stack, is `make soak` (bench/soak.py)."""
     rng = random.Random(7)
     requests = [
         {
@@ -277,7 +282,7 @@ async def test_randomized_soak_with_actor_kills(client: Any, store: Any, mongo: 
             "payload": {"fail_at": "d" if rng.random() < 0.2 else None, "sleep": {"b": 0.2}},
             "ttl": 900,  # the TTL runs from creation, through admission: not what this test is about
         }
-        for _ in range(200)
+        for _ in range(SOAK_SAGAS)
     ]
     ids = await call(client.start_many, requests)
     oids = [ObjectId(i) for i in ids]
@@ -293,9 +298,9 @@ async def test_randomized_soak_with_actor_kills(client: Any, store: Any, mongo: 
             next_report = loop.time() + 10
             health = await asyncio.wait_for(client.supervisor.health.remote(), 30)
             print(f"soak: {live} unfinished, {kills} kills, supervisor {health}", flush=True)
-        # victims among the sagas running right now: most of the 200 are waiting for admission or done
+        # victims among the sagas running right now: most of the batch is waiting for admission or done
         running = [str(d["_id"]) async for d in store.sagas.find({"_id": {"$in": oids}, "state": "running"}, {"_id": 1})]
-        if kills < 25 and running:
+        if kills < SOAK_KILLS and running:
             victim = rng.choice(sorted(running))
             handle = _actor(victim)
             if handle is not None:
@@ -313,7 +318,7 @@ async def test_randomized_soak_with_actor_kills(client: Any, store: Any, mongo: 
         expected = SagaState.ABORTED if request["payload"]["fail_at"] else SagaState.COMPLETED
         assert saga.state == expected, f"{saga_id}: {saga.state} ({saga.error})"
         await assert_consistent(store, mongo, saga_id)
-    assert sum(states.values()) == 200
+    assert sum(states.values()) == SOAK_SAGAS
 
 
 async def test_whole_ray_cluster_restart_mid_run(client: Any, store: Any, mongo: Any, ray_session: Any) -> None:
