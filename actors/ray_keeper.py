@@ -14,6 +14,13 @@ taken, the agent never registers and every ``ray job submit`` is refused ("No
 available agent to submit job"). The keeper therefore hands Ray's parameters a
 free port of its own (:func:`_own_agent_port`).
 
+Current cluster: Ray Jobs start their entrypoint with the address of "the machine's
+latest cluster", read from ``ray_current_cluster`` in Ray's temp directory, which
+``ray start`` (and ``ray.cluster_utils``) write and ``ray.init`` does not. Left to
+itself, a job submitted to this head joined whatever cluster was started there last
+(seen: a dead one, the job hanging in GCS retries). Like ``ray start``, the keeper
+records its own head there once it is up.
+
 Binding: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` must be set before Ray is
 imported, otherwise Linux Ray resolves ``127.0.0.1`` to the machine's external
 address. ``RAY_GCS_SERVER_PORT`` fixes the GCS port (``ray.init`` has no
@@ -139,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
 
     node = ray._private.worker.global_worker.node
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(ray.get_runtime_context().gcs_address, node.get_temp_dir_path())
     dashboard_url = context.dashboard_url or ""
     if not args.no_dashboard:
         _wait_for_job_agent(ray.get_runtime_context().get_node_id())

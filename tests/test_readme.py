@@ -145,8 +145,14 @@ RAY_DEFAULT_AGENT_PORT = 52365
 
 @pytest.fixture
 def another_ray_head_on_the_machine() -> Iterator[None]:
-    """What a second Ray head (another deployment, the test suite's own Ray) does to a new one: it
-    already holds the default dashboard-agent port. Held here whether or not such a head runs."""
+    """What another Ray head (a second deployment, the test suite's own Ray, a `ray start` long
+    gone) does to a new one: it holds the default dashboard-agent port, and it was the last cluster
+    recorded in Ray's `ray_current_cluster`, where Ray Jobs look up their driver's address. Both
+    are set up here whether or not such a head runs."""
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.exists() else None
+    current.parent.mkdir(parents=True, exist_ok=True)
+    current.write_text(f"127.0.0.1:{free_port()}")  # a cluster started last and gone since
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -154,13 +160,19 @@ def another_ray_head_on_the_machine() -> Iterator[None]:
             holder.listen()
         except OSError:  # taken already: by another Ray head, which is the point
             pass
-        yield
+        try:
+            yield
+        finally:
+            if before is None:
+                current.unlink(missing_ok=True)
+            else:
+                current.write_text(before)
 
 
 @pytest.mark.slow
 def test_every_readme_command_works_from_a_fresh_shell(tmp_path: Path, another_ray_head_on_the_machine: None) -> None:
     """`essential up`, the CLI, Python, recorded-saga, HTTP and Ray Jobs examples, `essential down`: as written,
-    also while another Ray head holds the default dashboard-agent port (Ray Jobs were refused then)."""
+    also next to another Ray head (Ray Jobs were refused, then joined the other cluster)."""
     home = tmp_path / "home"
     env = scrubbed_env(home)
     blocks = [b for b in read_blocks(README) if b.runs]
