@@ -1,6 +1,6 @@
 """The saga state machine: drives one saga from its last checkpoint to a terminal state.
 
-Protocol per step (DESIGN.md, "How a saga runs"):
+Protocol per step (the README's "How it works"):
 
 1. write-ahead: a ``started`` stage with ``req`` and the saga cursor, one transaction
    (a parallel group writes all its members' stages in one; a step with a

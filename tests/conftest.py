@@ -118,6 +118,16 @@ async def mongo(mongo_uri: str, essential_env: dict[str, str]) -> AsyncIterator[
     await client.close()
 
 
+async def empty_store(mongo: Any, database: str) -> Any:
+    """A saga store on a database of its own, emptied first: for modules that count what they write."""
+    from persistence.store import MongoSagaStore
+
+    await mongo.drop_database(database)
+    store = MongoSagaStore(mongo, database)
+    await store.ensure_indexes()
+    return store
+
+
 @pytest.fixture(scope="session")
 async def store(mongo: Any) -> Any:
     from persistence.store import MongoSagaStore

@@ -1,4 +1,4 @@
-"""The domain layer must stay free of Ray, PyMongo/BSON and aiokafka (DESIGN.md, layers)."""
+"""The domain layer must stay free of Ray, PyMongo/BSON and aiokafka: it describes sagas; the infrastructure runs them."""
 from __future__ import annotations
 
 import ast

@@ -32,7 +32,7 @@ from orchestration.dsl import COMPENSATION_RETRY
 from orchestration.states import Action
 from persistence.store import MongoSagaStore
 
-from .conftest import poll
+from .conftest import empty_store, poll
 
 pytestmark = pytest.mark.asyncio
 
@@ -101,10 +101,7 @@ REGISTRY = JobRegistry([capped_job, long_job])
 
 @pytest.fixture(scope="module")
 async def store(mongo: Any) -> MongoSagaStore:
-    await mongo.drop_database(DB)
-    saga_store = MongoSagaStore(mongo, DB)
-    await saga_store.ensure_indexes()
-    return saga_store
+    return await empty_store(mongo, DB)
 
 
 async def _create(store: MongoSagaStore, clock: ManualClock, job: str, payload: dict) -> str:

@@ -27,7 +27,7 @@ from orchestration import (
 from orchestration.states import Action
 from persistence.store import MongoSagaStore
 
-from .conftest import JOBS_DB
+from .conftest import JOBS_DB, empty_store
 from .jobs import FlowKnobs, _behave, _undo
 
 pytestmark = pytest.mark.asyncio
@@ -61,10 +61,7 @@ V2 = _version(2, ["c2", "d2"])
 
 @pytest.fixture(scope="module")
 async def store(mongo: Any) -> MongoSagaStore:
-    await mongo.drop_database(DB)
-    saga_store = MongoSagaStore(mongo, DB)
-    await saga_store.ensure_indexes()
-    return saga_store
+    return await empty_store(mongo, DB)
 
 
 async def _start_waiting(store: MongoSagaStore, registry: JobRegistry, clock: ManualClock) -> str:
