@@ -18,7 +18,7 @@ venv: $(STAMP)
 # PYTHONDONTWRITEBYTECODE set (common in containers) each would compile it from source. Up-to-date
 # .pyc files are read even then, so write them once here (a no-op when nothing changed).
 bytecode: $(STAMP)
-	$(BIN)/python -m compileall -q orchestration persistence actors bench examples tests
+	$(BIN)/python -m compileall -q essential orchestration persistence actors bench examples tests
 
 demo: bytecode
 	$(BIN)/essential demo

@@ -32,12 +32,12 @@ from typing import Any, Iterable
 
 import ray
 
-from orchestration import Saga, SagaState, Stage
-from orchestration.states import Action
+from essential.orchestration import Saga, SagaState, Stage
+from essential.orchestration.states import Action
+from essential.actors.names import SINK_NAME
 
 log = logging.getLogger("essential.metrics")
 
-SINK_NAME = "essential:metrics"
 FLUSH_TIMEOUT = 3.0
 FORWARD_EVERY = 0.5  # seconds a dedicated actor batches its points before sending them
 

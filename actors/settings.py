@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     )
     namespace: str = Field("essential", description="Ray namespace of every Essential actor")
     job_modules: list[str] = Field(
-        default_factory=lambda: ["examples.jobs"],
-        description="modules whose module-level Job objects are registered (JSON list or comma separated)",
+        default_factory=list,
+        description="modules whose module-level Job objects are registered (JSON list or comma separated); "
+        "the dev stack (`essential up`, `essential demo`) registers examples.jobs when unset",
     )
     max_live_sagas: int = Field(
         32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
@@ -213,3 +214,10 @@ class _CommaListEnv(EnvSettingsSource):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_from(data: dict[str, Any] | Settings | None) -> Settings:
+    """Settings sent to an actor as a dict (actors receive JSON-safe arguments); None reads the environment."""
+    if isinstance(data, Settings):
+        return data
+    return Settings(**data) if data else Settings()

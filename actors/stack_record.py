@@ -4,7 +4,7 @@ Why a module of its own: a Ray driver must have the stack's Ray settings
 (token authentication on, every process on 127.0.0.1) in its environment
 *before* Ray is imported and initialised, or it is refused by the head. The CLI
 and the client therefore read the record first and apply it, then import Ray.
-The launcher (``actors.stack``) writes the same file.
+The launcher (``essential.actors.dev.stack``) writes the same file.
 """
 from __future__ import annotations
 

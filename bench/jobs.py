@@ -11,8 +11,8 @@ import os
 from pydantic import BaseModel
 from pymongo.errors import DuplicateKeyError
 
-from orchestration import NO_RETRY, Job, StepContext, StepFailed
-from persistence.connection import shared_client
+from essential.orchestration import NO_RETRY, Job, StepContext, StepFailed
+from essential.persistence.connection import shared_client
 
 BENCH_DB = "essential_bench_services"
 COUNTERS = 64  # spread counters so sagas do not all conflict on one document

@@ -4,7 +4,7 @@
 
 For each relay batch size: the ``outbox`` is filled with ``--events`` lifecycle
 events (``--sagas`` sagas, events spread evenly, rows as the saga store writes
-them), then the gateway's relay (:class:`actors.gateway.GatewayService` without
+them), then the gateway's relay (:class:`essential.actors.kafka.gateway.GatewayService` without
 its consumers, in this process) starts, and the clock runs until every row is
 marked sent (Kafka acknowledged it) and until an independent consumer has read
 every event.  Embedded MongoDB (``--sync-on-commit``, as in tests) and the
@@ -45,10 +45,10 @@ class RelayRun:
 
 def outbox_rows(events: int, sagas: int) -> list[dict[str, Any]]:
     """Rows exactly as the saga store writes them: started, stage.completed ..., completed per saga."""
-    from orchestration.models import Event, new_id
-    from orchestration.states import EventType, SagaState
-    from persistence.documents import event_to_doc
-    from persistence.outbox import utcnow
+    from essential.orchestration.models import Event, new_id
+    from essential.orchestration.states import EventType, SagaState
+    from essential.persistence.documents import event_to_doc
+    from essential.persistence.outbox import utcnow
 
     per_saga = max(events // sagas, 2)
     base = utcnow()
@@ -90,9 +90,9 @@ async def count_consumed(bootstrap: str, expected: set[str], done: asyncio.Event
 
 
 async def run_once(uri: str, bootstrap: str, events: int, sagas: int, batch: int) -> RelayRun:
-    from actors.gateway import GatewayService
-    from actors.settings import Settings
-    from persistence.connection import close_shared_clients, shared_client
+    from essential.actors.kafka.gateway import GatewayService
+    from essential.actors.settings import Settings
+    from essential.persistence.connection import close_shared_clients, shared_client
 
     database = f"bench_relay_{batch}"
     settings = Settings(mongodb_uri=uri, kafka_bootstrap=bootstrap, database=database, relay_batch_size=batch,
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
 
-    from actors.embedded_kafka import EmbeddedKafka
-    from persistence.embedded import EmbeddedMongo
+    from essential.actors.dev.kafka_broker import EmbeddedKafka
+    from essential.actors.dev.mongodb import EmbeddedMongo
 
     runs: list[RelayRun] = []
     with tempfile.TemporaryDirectory(prefix="essential-relay-bench-") as tmp:

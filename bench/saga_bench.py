@@ -1,6 +1,6 @@
 """Saga throughput, latency and memory: baseline vs naive vs dedicated vs shared vs pooled, in one run.
 
-    python -m bench.saga_bench            # or: make bench / essential bench
+    python -m bench.saga_bench            # or: make bench
 
 Workload: the 4-step order saga of ``bench/jobs.py``, one transactional
 MongoDB write per step, 10 % failing at the last step (three compensations).
@@ -142,10 +142,10 @@ class CountingStore:
 async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: int, fold: bool = True) -> ModeResult:
     from pymongo import monitoring
 
-    from persistence.connection import new_client
+    from essential.persistence.connection import new_client
 
-    from orchestration import JobRegistry, SagaRunner, StartRequest, SystemClock, build_saga
-    from persistence.store import MongoSagaStore
+    from essential.orchestration import JobRegistry, SagaRunner, StartRequest, SystemClock, build_saga
+    from essential.persistence.store import MongoSagaStore
 
     class Commands(monitoring.CommandListener):
         count = 0
@@ -204,7 +204,7 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
 def init_ray() -> None:
     import ray
 
-    from actors.loopback import bind_ray_to_loopback
+    from essential.actors.loopback import bind_ray_to_loopback
 
     bind_ray_to_loopback()
     ray.init(address="local", _node_ip_address="127.0.0.1", namespace="essential_bench", include_dashboard=False, log_to_driver=False)
@@ -218,9 +218,9 @@ def naive_actor_class() -> Any:
         """Everything per saga: a process, a client, the job import."""
 
         async def run(self, saga_id: str, uri: str, database: str) -> str:
-            from orchestration import JobRegistry, SagaRunner
-            from persistence.connection import new_client
-            from persistence.store import MongoSagaStore
+            from essential.orchestration import JobRegistry, SagaRunner
+            from essential.persistence.connection import new_client
+            from essential.persistence.store import MongoSagaStore
 
             os.environ["ESSENTIAL_MONGODB_URI"] = uri
             client = new_client(uri)
@@ -237,10 +237,10 @@ def naive_actor_class() -> Any:
 
 async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult:
     import ray
-    from persistence.connection import new_client
+    from essential.persistence.connection import new_client
 
-    from orchestration import JobRegistry, StartRequest, SystemClock, build_saga
-    from persistence.store import MongoSagaStore
+    from essential.orchestration import JobRegistry, StartRequest, SystemClock, build_saga
+    from essential.persistence.store import MongoSagaStore
 
     actor_cls = naive_actor_class()
     client = new_client(uri)
@@ -268,11 +268,11 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
 
 
 async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: int, seed: int, **conf: Any) -> ModeResult:
-    from persistence.connection import new_client
+    from essential.persistence.connection import new_client
 
-    from actors.client import EssentialClient, stop_deployment
-    from actors.settings import Settings
-    from persistence.store import MongoSagaStore
+    from essential.actors.client.ray_client import EssentialClient, stop_deployment
+    from essential.actors.settings import Settings
+    from essential.persistence.store import MongoSagaStore
 
     name = f"bench_{mode}_c{concurrency}"
     settings = Settings(
@@ -321,8 +321,8 @@ def rss_of(title_prefix: str) -> tuple[int, int]:
 
 async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str, Any]:
     """Hold ``live`` sagas alive at once; RSS of the processes that host them / live sagas."""
-    from actors.client import EssentialClient, stop_deployment
-    from actors.settings import Settings
+    from essential.actors.client.ray_client import EssentialClient, stop_deployment
+    from essential.actors.settings import Settings
 
     name = f"bench_mem_{mode}"
     settings = Settings(
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     modes = set(args.modes.split(","))
 
-    from persistence.embedded import EmbeddedMongo
+    from essential.actors.dev.mongodb import EmbeddedMongo
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     results: list[ModeResult] = []

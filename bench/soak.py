@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"kills for {args.kill_for:g} s, home {home}")  # fmt: skip
     _environment(home, args.placement, args.max_live)
 
-    from actors.quiet import quiet_logger, quiet_ray
-    from actors.settings import Settings, get_settings
-    from actors.stack import LocalStack
+    from essential.actors.dev.quiet import quiet_logger, quiet_ray
+    from essential.actors.settings import Settings, get_settings
+    from essential.actors.dev.stack import LocalStack
 
     quiet_ray(home / "logs" / "driver.log")  # Ray's own chatter, not the soak's output
     quiet_logger("aiokafka")  # the producer's complaints while the broker is down, likewise
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _environment(home: Path, placement: str, max_live: int) -> None:
     """Everything the stack and every Ray worker it starts will read: a fresh home, free ports, the placement."""
-    from persistence.embedded import free_port
+    from essential.actors.dev.mongodb import free_port
 
     os.environ.update({
         "ESSENTIAL_HOME": str(home),
@@ -125,11 +125,11 @@ def _environment(home: Path, placement: str, max_live: int) -> None:
 async def _soak(settings: Any, stack: Any, args: argparse.Namespace, seed: int, kafka: int, wall0: float) -> dict[str, Any]:
     import ray
 
-    from actors.client import EssentialClient
-    from actors.gateway import ensure_gateway
+    from essential.actors.client.ray_client import EssentialClient
+    from essential.actors.kafka.gateway import ensure_gateway
     from examples import data
-    from orchestration.registry import JobRegistry
-    from persistence.connection import close_shared_clients, new_client
+    from essential.orchestration.registry import JobRegistry
+    from essential.persistence.connection import close_shared_clients, new_client
 
     from . import soak_audit, soak_events, soak_evidence, soak_report
     from .soak_chaos import Chaos, plan_kills

@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from actors.embedded_kafka import EmbeddedKafka
-from actors.stack import LocalStack
-from persistence.embedded import EmbeddedMongo, boot_id, pid_alive, process_start_time
+from essential.actors.dev.kafka_broker import EmbeddedKafka
+from essential.actors.dev.stack import LocalStack
+from essential.actors.dev.mongodb import EmbeddedMongo, boot_id, pid_alive, process_start_time
 
 #: kinds of kills, in the order the report lists them
 KINDS = ("saga", "host", "supervisor", "gateway", "mongodb", "kafka")

@@ -20,9 +20,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from actors.kafka_config import client_kwargs
-from actors.settings import Settings
-from orchestration.states import EventType
+from essential.actors.kafka.config import client_kwargs
+from essential.actors.settings import Settings
+from essential.orchestration.states import EventType
 
 TOPICS = [e.value for e in EventType]
 #: seconds without any partition moving after which the sweep gives up (records the broker cannot serve)

@@ -21,8 +21,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from actors.kafka_config import producer_kwargs
-from actors.settings import Settings
+from essential.actors.kafka.config import producer_kwargs
+from essential.actors.settings import Settings
 
 from .soak_plan import PlannedSaga
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestration.dsl import CompensateFn, Job, StepContext, StepFn
+from essential import CompensateFn, Job, StepContext, StepFn
 
 
 class InjectedFault(RuntimeError):

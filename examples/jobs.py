@@ -25,8 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from orchestration.dsl import Job, Lock, RetryPolicy, StepContext
-from orchestration.errors import RetryLater, StepFailed
+from essential import Job, Lock, RetryLater, RetryPolicy, StepContext, StepFailed
 
 from .faults import FaultInjection, inject_faults
 from .services import identity, inventory, invoicing, logistics, notifications, orders, wallet

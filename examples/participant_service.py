@@ -32,11 +32,17 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymongo.errors import PyMongoError
 
-from actors.embedded_kafka import ensure_topics
-from actors.kafka_config import admin_kwargs, client_kwargs, consumer_kwargs
-from actors.participant_protocol import ParticipantCommand, ParticipantReply
-from actors.settings import Settings, get_settings
-from orchestration.errors import StepFailed
+from essential import (
+    ParticipantCommand,
+    ParticipantReply,
+    Settings,
+    StepFailed,
+    admin_kwargs,
+    client_kwargs,
+    consumer_kwargs,
+    ensure_topics,
+    get_settings,
+)
 
 from .services import wallet
 

@@ -31,7 +31,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from orchestration import EssentialError
+from essential import EssentialError
 
 SUMMARY_PREFIX = "essential-batch: "
 
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from actors.client import EssentialClient
+    from essential import EssentialClient
 
     try:
         if args.seed:

@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from actors.participants import kafka_step
-from orchestration.dsl import Job, StepContext
+from essential import Job, StepContext, kafka_step
 
 from .faults import inject_faults
 from .jobs import FAST, OrderPayload, Result

@@ -2,9 +2,9 @@
 
 No Ray, PyMongo or aiokafka here (tests/test_layers.py enforces it).
 """
-from .clock import Clock, ManualClock, SystemClock
-from .dsl import NO_RETRY, Job, Lock, RetryPolicy, Step, StepContext
-from .errors import (
+from essential.orchestration.clock import Clock, ManualClock, SystemClock
+from essential.orchestration.dsl import NO_RETRY, Job, Lock, RetryPolicy, Step, StepContext
+from essential.orchestration.errors import (
     EssentialError,
     IdempotencyKeyReused,
     IllegalTransition,
@@ -19,12 +19,12 @@ from .errors import (
     StepFailed,
     UnknownJob,
 )
-from .models import Event, Lease, Saga, Signal, Stage, StageMeta, new_id
-from .ports import RunnerObserver, SagaStore
-from .registry import JobRegistry
-from .requests import StartRequest, build_saga
-from .runner import SagaRunner
-from .states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, StageStatus
+from essential.orchestration.models import Event, Lease, Saga, Signal, Stage, StageMeta, new_id
+from essential.orchestration.ports import RunnerObserver, SagaStore
+from essential.orchestration.registry import JobRegistry
+from essential.orchestration.requests import StartRequest, build_saga
+from essential.orchestration.runner import SagaRunner
+from essential.orchestration.states import LIVE_STATES, TERMINAL_STATES, Action, EventType, SagaState, StageStatus
 
 __all__ = [
     "Action", "Clock", "EssentialError", "Event", "EventType", "IdempotencyKeyReused", "IllegalTransition", "InvalidPayload",

@@ -7,8 +7,8 @@ it, so the group is undone after the later steps and before the earlier ones
 """
 from __future__ import annotations
 
-from .models import Stage
-from .states import Action, StageStatus
+from essential.orchestration.models import Stage
+from essential.orchestration.states import Action, StageStatus
 
 
 def is_deferred(stage: Stage) -> bool:

@@ -21,7 +21,7 @@ Beyond a straight chain (each durable across crashes and compensated correctly):
   named signal (``client.signal(saga_id, name, payload)``, Kafka, HTTP), stored
   when it arrives even if nothing runs the saga; ``@step.on_signal`` handles it;
 * **durable timers** – ``job.sleep("cool_off", hours=6)``, or a step raising
-  :class:`~orchestration.errors.RetryLater` (``RetryLater(hours=6)``);
+  :class:`~essential.orchestration.errors.RetryLater` (``RetryLater(hours=6)``);
 * **child sagas** – ``job.child("ship", job="logistic:shipment", payload=...)``
   starts another job and waits for it; aborting the parent aborts the child and
   compensating the parent compensates the child;
@@ -43,8 +43,8 @@ from typing import Any, Awaitable, Callable, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import InvalidPayload
-from .states import Action
+from essential.orchestration.errors import InvalidPayload
+from essential.orchestration.states import Action
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -212,7 +212,7 @@ class Step:
     def on_signal(self, fn: StepFn) -> StepFn:
         """Decorator: handle the signal a ``wait_for`` step received (``ctx.signal``); its return is the result.
 
-        Raise :class:`~orchestration.errors.StepFailed` to refuse it (a rejected approval).
+        Raise :class:`~essential.orchestration.errors.StepFailed` to refuse it (a rejected approval).
         """
         if self.kind != "wait":
             raise ValueError(f"step {self.name} does not wait for a signal")

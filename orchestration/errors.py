@@ -1,6 +1,9 @@
 """Typed errors.  Each message tells the caller what to do about it."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class EssentialError(Exception):
     """Base of every error Essential raises on purpose.
@@ -140,6 +143,45 @@ class LockBusy(EssentialError):
         super().__init__(f"{key!r} in {bucket} is locked by {who} until that saga ends")
 
 
+class InvalidField(InvalidRequest):
+    """A request field that cannot be accepted; ``fields`` lists ``(field, reason)``."""
+
+    def __init__(self, field_name: str, reason: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
+        self.fields = [(field_name, reason), *more]
+        super().__init__("; ".join(f"{f}: {r}" for f, r in self.fields))
+
+
+class TooManyOpenSagas(EssentialError):
+    """No room for another live saga (ESSENTIAL_MAX_LIVE_SAGAS): retry later, or place recorded sagas shared."""
+
+
+class SagaIdReused(IdempotencyKeyReused):
+    """A start repeated with a saga id (the service's own idempotency key) and different parameters."""
+
+    def __init__(self, saga_id: str, differs: Sequence[str]) -> None:
+        self.key = self.saga_id = saga_id
+        reason = f"already taken by a saga started with a different {', '.join(differs)}"
+        self.fields = [("id", reason)]
+        Exception.__init__(
+            self, f"saga id {saga_id} is {reason}; repeat the original request to get that saga, or choose a new id"
+        )
+
+
+class CorruptDocument(EssentialError):
+    """A stored document Essential cannot read: not the caller's doing, and never silently dropped."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what, self.reason = what, reason
+        super().__init__(
+            f"{what}: its stored document cannot be read ({reason}); Essential leaves it as it is - "
+            "an operator must repair or remove it"
+        )
+
+
+class StoreUnavailable(EssentialError):
+    """MongoDB did not answer within the outage budget: Essential really cannot answer now."""
+
+
 def rebuild_error(type_name: str, message: str) -> EssentialError:
     """Recreate a typed error sent across a process boundary (Ray, Kafka, HTTP) by name."""
     cls: type[EssentialError] = _BY_NAME.get(type_name, EssentialError)
@@ -180,4 +222,39 @@ class CommandNotQueued(EssentialError):
         )
 
 
-_BY_NAME.update({c.__name__: c for c in (DeadLetterRefused, CommandNotQueued)})
+_BY_NAME.update({
+    c.__name__: c
+    for c in (DeadLetterRefused, CommandNotQueued, InvalidField, TooManyOpenSagas, SagaIdReused, CorruptDocument,
+              StoreUnavailable)
+})  # fmt: skip
+
+
+# -- the error contract: how a typed error crosses Ray, Kafka and HTTP ---------------------------
+def envelope(exc: EssentialError) -> dict[str, Any]:
+    """The reply that carries ``exc``: ``{"error": {"type", "message", "fields"?}}``.
+
+    Every side of Essential answers an error this way (the supervisor, a saga's
+    actor, the recorded-saga service), and every caller reads it back with
+    :func:`raise_for_error`, so a client sees the same typed error whichever
+    process refused it.
+    """
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    fields = getattr(exc, "fields", None)  # InvalidField, and the reused id/key errors
+    if fields:
+        error["fields"] = [{"field": f, "reason": r} for f, r in fields]
+    return {"error": error}
+
+
+def raise_for_error(reply: dict[str, Any]) -> dict[str, Any]:
+    """The reply, or the typed error it carries raised as what it was (with its ``fields``)."""
+    if "error" not in reply:
+        return reply
+    error = reply["error"]
+    fields = [(f["field"], f["reason"]) for f in error.get("fields") or []]
+    if error["type"] == InvalidField.__name__ and fields:
+        first, *rest = fields
+        raise InvalidField(first[0], first[1], more=rest)
+    exc = rebuild_error(error["type"], error["message"])
+    if fields:
+        exc.fields = fields  # type: ignore[attr-defined]
+    raise exc

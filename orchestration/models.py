@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .states import Action, EventType, SagaState, StageStatus
+from essential.orchestration.states import Action, EventType, SagaState, StageStatus
 
 
 def new_id() -> str:

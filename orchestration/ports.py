@@ -2,7 +2,7 @@
 
 ``persistence`` implements :class:`SagaStore` on MongoDB; tests and other hosts
 can provide their own.  Every write that takes an ``epoch`` is fenced: it must
-raise :class:`~orchestration.errors.LeaseLost` when the saga's lease epoch is no
+raise :class:`~essential.orchestration.errors.LeaseLost` when the saga's lease epoch is no
 longer ``epoch``, so a stale runner can never overwrite a newer one.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .models import Event, Saga, Signal, Stage
-from .states import SagaState
+from essential.orchestration.models import Event, Saga, Signal, Stage
+from essential.orchestration.states import SagaState
 
 #: a bucket lock: (bucket, key)
 LockClaim = tuple[str, str]
@@ -50,11 +50,11 @@ class SagaStore(Protocol):
     ) -> str | None:
         """Insert a ``started`` stage and update the saga, in one transaction.
 
-        With ``unless_abort``, raise :class:`~orchestration.errors.AbortPending`
+        With ``unless_abort``, raise :class:`~essential.orchestration.errors.AbortPending`
         (and write nothing) when the saga has a durable abort request.
 
         With ``locks``, also take those bucket locks for the saga in the same
-        transaction, or raise :class:`~orchestration.errors.LockBusy` (and write
+        transaction, or raise :class:`~essential.orchestration.errors.LockBusy` (and write
         nothing) when another live saga holds one.  Like every fenced write it
         returns the saga's durable abort request, if any (so a runner learns of
         an abort it was not told about).

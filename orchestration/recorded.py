@@ -18,7 +18,7 @@ This module decides *what* to undo (:func:`inverse_of`, :func:`undo_plan`),
 *where* an undo may run (:func:`check_database`: never Essential's own database
 nor ``admin``/``local``/``config``, only databases the deployment allows) and
 *whether an operation is allowed now* (:func:`check`); applying the inverse on
-MongoDB lives in ``persistence.inverse``, hosting in ``actors.recorded``.
+MongoDB lives in ``essential.persistence.inverse``, hosting in ``essential.actors.sagas.recorded_runner``.
 Values (ids, documents) pass through untouched, so BSON types survive.
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import storable
-from .clock import Clock
-from .errors import EssentialError, IdempotencyKeyReused, IllegalTransition, InvalidRequest
-from .models import Event, Saga
-from .states import Action, EventType, SagaState
+from essential.orchestration import storable
+from essential.orchestration.clock import Clock
+from essential.orchestration.errors import IdempotencyKeyReused, IllegalTransition, InvalidField
+from essential.orchestration.models import Event, Saga
+from essential.orchestration.states import Action, EventType, SagaState
 
 #: ``kind`` of a recorded saga's document (orchestrated sagas have none)
 RECORDED = "recorded"
@@ -71,31 +71,6 @@ def action_of(name: str) -> tuple[Action, str]:
     return _ACTIONS[key], key
 
 
-# -- errors ------------------------------------------------------------------------------------
-class InvalidField(InvalidRequest):
-    """A request field that cannot be accepted; ``fields`` lists ``(field, reason)``."""
-
-    def __init__(self, field_name: str, reason: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
-        self.fields = [(field_name, reason), *more]
-        super().__init__("; ".join(f"{f}: {r}" for f, r in self.fields))
-
-
-class TooManyOpenSagas(EssentialError):
-    """No room for another live saga (ESSENTIAL_MAX_LIVE_SAGAS): retry later, or place recorded sagas shared."""
-
-
-class SagaIdReused(IdempotencyKeyReused):
-    """A start repeated with a saga id (the service's own idempotency key) and different parameters."""
-
-    def __init__(self, saga_id: str, differs: Sequence[str]) -> None:
-        self.key = self.saga_id = saga_id
-        reason = f"already taken by a saga started with a different {', '.join(differs)}"
-        self.fields = [("id", reason)]
-        Exception.__init__(
-            self, f"saga id {saga_id} is {reason}; repeat the original request to get that saga, or choose a new id"
-        )
-
-
 def key_reused(key: str, saga_id: str, differs: Sequence[str]) -> IdempotencyKeyReused:
     """:class:`IdempotencyKeyReused` saying which parameters of the recorded start differ."""
     exc = IdempotencyKeyReused(key, saga_id)
@@ -105,21 +80,6 @@ def key_reused(key: str, saga_id: str, differs: Sequence[str]) -> IdempotencyKey
         exc, f"idempotency key {key!r} was {reason}; repeat the original request to get that saga, or use a new key"
     )
     return exc
-
-
-class CorruptDocument(EssentialError):
-    """A stored document Essential cannot read: not the caller's doing, and never silently dropped."""
-
-    def __init__(self, what: str, reason: str) -> None:
-        self.what, self.reason = what, reason
-        super().__init__(
-            f"{what}: its stored document cannot be read ({reason}); Essential leaves it as it is - "
-            "an operator must repair or remove it"
-        )
-
-
-class StoreUnavailable(EssentialError):
-    """MongoDB did not answer within the outage budget: Essential really cannot answer now."""
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 
-from .dsl import Job
-from .errors import JobModuleMissing, JobVersionMissing, UnknownJob
+from essential.orchestration.dsl import Job
+from essential.orchestration.errors import JobModuleMissing, JobVersionMissing, UnknownJob
 
 
 class JobRegistry:

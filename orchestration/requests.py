@@ -5,12 +5,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from . import storable
-from .clock import Clock
-from .errors import InvalidRequest
-from .models import Event, Saga
-from .registry import JobRegistry
-from .states import EventType, SagaState
+from essential.orchestration import storable
+from essential.orchestration.clock import Clock
+from essential.orchestration.errors import InvalidRequest
+from essential.orchestration.models import Event, Saga
+from essential.orchestration.registry import JobRegistry
+from essential.orchestration.states import EventType, SagaState
 
 
 #: the longest time-to-live a saga may ask for (ten years): past it, deadlines leave the calendar

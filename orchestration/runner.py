@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Awaitable, Callable, Literal
 
-from .clock import Clock, SystemClock
-from .compensation import compensation_plan, is_deferred, open_compensation
-from .dsl import Job, RetryPolicy, Step, StepContext, seconds_of
-from .errors import (
+from essential.orchestration.clock import Clock, SystemClock
+from essential.orchestration.compensation import compensation_plan, is_deferred, open_compensation
+from essential.orchestration.dsl import Job, RetryPolicy, Step, StepContext, seconds_of
+from essential.orchestration.errors import (
     AbortPending,
     InvalidRequest,
     JobVersionMissing,
@@ -44,11 +44,11 @@ from .errors import (
     StepFailed,
     StepTimeout,
 )
-from .models import Event, Saga, Stage, StageMeta
-from .ports import Carried, RunnerObserver, SagaStore
-from .registry import JobRegistry
-from .requests import StartRequest, build_saga
-from .states import TERMINAL_STATES, Action, EventType, SagaState, StageStatus
+from essential.orchestration.models import Event, Saga, Stage, StageMeta
+from essential.orchestration.ports import Carried, RunnerObserver, SagaStore
+from essential.orchestration.registry import JobRegistry
+from essential.orchestration.requests import StartRequest, build_saga
+from essential.orchestration.states import TERMINAL_STATES, Action, EventType, SagaState, StageStatus
 
 log = logging.getLogger("essential.runner")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import storable
-from .errors import InvalidRequest
+from essential.orchestration import storable
+from essential.orchestration.errors import InvalidRequest
 
 #: a signal's payload is JSON of at most this many bytes
 MAX_SIGNAL_BYTES = 256 * 1024

@@ -5,14 +5,14 @@ survive the step's actor dying, and a re-run of the step (same saga, same stage
 sequence) must find the command it already sent instead of sending a different
 one.  The row's id is ``<saga>:<seq>:<kind>``, so the first write wins and
 every re-run reads it back.  Rows have the outbox shape (see
-:mod:`persistence.outbox`), with ``n`` counting the saga's commands in the
+:mod:`essential.persistence.outbox`), with ``n`` counting the saga's commands in the
 order they were queued.
 
 Why a counter document per saga (``command_counters``) rather than counting
 rows: rows are pruned once sent, and a count would hand out a number again.
 The counter only grows; it is read, advanced and the row inserted in one
 transaction, so two commands never share a number.  It is deleted only when its
-saga has ended (:mod:`persistence.kafka_retention`), after which the saga sends
+saga has ended (:mod:`essential.persistence.kafka_retention`), after which the saga sends
 nothing more.
 
 A ``compensate`` command withdraws the ``run`` command of the same step if Kafka
@@ -29,10 +29,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from orchestration.errors import CommandNotQueued
+from essential.orchestration.errors import CommandNotQueued
 
-from .documents import oid
-from .outbox import utcnow
+from essential.persistence.documents import oid
+from essential.persistence.outbox import utcnow
 
 COLLECTION = "command_outbox"
 COUNTERS = "command_counters"

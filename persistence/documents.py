@@ -10,7 +10,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from orchestration.models import Event, Saga, Signal, Stage
+from essential.orchestration.models import Event, Saga, Signal, Stage
 
 
 def plain(value: Any) -> Any:

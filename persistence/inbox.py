@@ -20,7 +20,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from .outbox import utcnow
+from essential.persistence.outbox import utcnow
 
 INBOX = "inbox"
 COMMAND_LOG = "command_log"

@@ -3,7 +3,7 @@
 An inverse is state, not a delta: delete these ``_id``s, put these documents
 back as they were (replace by ``_id``, inserting when missing).  Applying it a
 second time therefore changes nothing more - what makes a compensation
-re-run after a crash harmless.  :class:`persistence.recorded_store.RecordedStore`
+re-run after a crash harmless.  :class:`essential.persistence.recorded_store.RecordedStore`
 applies it inside the transaction that also records the ``compensate`` stage,
 so a stage is undone and marked undone together, or neither.
 """
@@ -15,7 +15,7 @@ from pymongo import DeleteMany, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 
-from orchestration.recorded import Inverse
+from essential.orchestration.recorded import Inverse
 
 
 async def apply_inverse(

@@ -5,8 +5,8 @@ may run its Kafka step again after a crash and must find the reply it got, and
 may still queue commands, whose numbers must keep growing.  Once the saga has
 ended, neither is read again, so both are deleted after the retention; a reply
 for a saga that does not exist is deleted then too.  Outbox rows have their own
-pruning (:class:`persistence.outbox.OutboxQueue`), the command log its own
-(:class:`persistence.inbox.CommandLog`).
+pruning (:class:`essential.persistence.outbox.OutboxQueue`), the command log its own
+(:class:`essential.persistence.inbox.CommandLog`).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from bson.errors import InvalidId
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from orchestration.states import TERMINAL_STATES
+from essential.orchestration.states import TERMINAL_STATES
 
-from .command_outbox import COUNTERS
-from .inbox import INBOX
+from essential.persistence.command_outbox import COUNTERS
+from essential.persistence.inbox import INBOX
 
 #: rows looked at per round trip
 CHUNK = 500

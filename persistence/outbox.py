@@ -3,7 +3,7 @@
 Two collections have the outbox shape (``_id``, ``topic``, ``key``, ``saga``,
 ``n``, ``body``, ``headers``, ``createdAt``, ``sent_at``): ``outbox``, written by
 the saga store in the same transaction as each state change, and
-``command_outbox``, written by Kafka steps (:mod:`persistence.command_outbox`).
+``command_outbox``, written by Kafka steps (:mod:`essential.persistence.command_outbox`).
 
 A row leaves the queue when Kafka acknowledged it (``sent_at``), when Kafka
 refused it for good (``refused_at``: too large, invalid topic; set aside so it
@@ -116,7 +116,7 @@ class OutboxQueue:
         return await self.collection.count_documents({"sent_at": None, "withdrawn_at": {"$ne": None}})
 
     async def rewind(self, since: datetime) -> int:
-        """Mark rows sent since ``since`` unsent again: the broker lost them (see actors.broker_watch)."""
+        """Mark rows sent since ``since`` unsent again: the broker lost them (see essential.actors.kafka.broker_watch)."""
         result = await self.collection.update_many({"sent_at": {"$gte": since}}, {"$set": {"sent_at": None}})
         return result.modified_count
 

@@ -1,6 +1,6 @@
 """Recorded sagas in MongoDB, beside the orchestrated ones.
 
-Same collections as :class:`persistence.store.MongoSagaStore` (``sagas``,
+Same collections as :class:`essential.persistence.store.MongoSagaStore` (``sagas``,
 ``stages``, ``outbox``), same rules: every write that changes a saga is one
 transaction fenced by the saga's lease epoch, with its outbox events in it.
 What is particular to recorded sagas:
@@ -30,13 +30,13 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from orchestration.errors import SagaNotFound
-from orchestration.models import Event, Saga
-from orchestration.recorded import RECORDED, BucketRoute, Inverse
+from essential.orchestration.errors import SagaNotFound
+from essential.orchestration.models import Event, Saga
+from essential.orchestration.recorded import RECORDED, BucketRoute, Inverse
 
-from .documents import event_to_doc, oid, saga_from_doc, saga_to_doc
-from .inverse import apply_inverse
-from .store import MongoSagaStore, resilient
+from essential.persistence.documents import event_to_doc, oid, saga_from_doc, saga_to_doc
+from essential.persistence.inverse import apply_inverse
+from essential.persistence.store import MongoSagaStore, resilient
 
 
 def json_safe(value: Any, *, dates: bool = False) -> Any:

@@ -34,12 +34,12 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
-from orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
-from orchestration.models import Event, Saga, Signal, Stage
-from orchestration.ports import Carried
-from orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
+from essential.orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
+from essential.orchestration.models import Event, Saga, Signal, Stage
+from essential.orchestration.ports import Carried
+from essential.orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
 
-from .documents import (
+from essential.persistence.documents import (
     event_to_doc,
     oid,
     plain,
@@ -50,7 +50,7 @@ from .documents import (
     stage_from_doc,
     stage_to_doc,
 )
-from .indexes import ensure_indexes
+from essential.persistence.indexes import ensure_indexes
 
 
 log = logging.getLogger("essential.store")
@@ -153,7 +153,7 @@ class _Known:
 
 
 class MongoSagaStore:
-    """Implements :class:`orchestration.ports.SagaStore` on one database."""
+    """Implements :class:`essential.orchestration.ports.SagaStore` on one database."""
 
     def __init__(self, client: AsyncMongoClient, database: str = "essential") -> None:
         self.client = client

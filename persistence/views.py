@@ -14,11 +14,11 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
-from orchestration.errors import SagaNotFound
-from orchestration.models import Saga, Stage
-from orchestration.states import Action, SagaState
+from essential.orchestration.errors import SagaNotFound
+from essential.orchestration.models import Saga, Stage
+from essential.orchestration.states import Action, SagaState
 
-from .documents import oid, saga_from_doc, stage_from_doc
+from essential.persistence.documents import oid, saga_from_doc, stage_from_doc
 
 ACTIVE = [SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.COMMITTING.value]
 ENDED = [SagaState.COMPLETED.value, SagaState.ABORTED.value, SagaState.PARKED.value]

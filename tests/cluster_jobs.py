@@ -20,8 +20,8 @@ import ray
 from pydantic import BaseModel, Field
 from pymongo.errors import DuplicateKeyError
 
-from orchestration import Job, RetryPolicy, StepContext
-from persistence.connection import shared_client
+from essential.orchestration import Job, RetryPolicy, StepContext
+from essential.persistence.connection import shared_client
 
 GATE_POLL = 0.1
 

@@ -130,8 +130,8 @@ def auth_mode() -> str:
 
 def start_cluster(head_args: dict[str, Any], workers: int) -> tuple[Any, list[Any]]:
     """A head and ``workers`` worker nodes, each a full raylet of its own, all on 127.0.0.1."""
-    from actors.loopback import bind_ray_to_loopback
-    from persistence.embedded import free_port
+    from essential.actors.loopback import bind_ray_to_loopback
+    from essential.actors.dev.mongodb import free_port
 
     bind_ray_to_loopback()
     from ray.cluster_utils import Cluster
@@ -169,7 +169,8 @@ def supervisor_on(node_id: str, settings: Any, attempts: int = 12) -> tuple[Any,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from actors.supervisor import SUPERVISOR_NAME, Supervisor
+    from essential.actors.names import SUPERVISOR_NAME
+    from essential.actors.sagas.supervisor import Supervisor
 
     for attempt in range(1, attempts + 1):
         handle = Supervisor.options(
@@ -200,8 +201,8 @@ def multinode(args: argparse.Namespace) -> int:
     """A batch across three nodes; the worker node holding the supervisor and some sagas is killed mid-run."""
     import ray
 
-    from actors.client import EssentialClient, connect_ray
-    from actors.settings import Settings
+    from essential.actors.client.ray_client import EssentialClient, connect_ray
+    from essential.actors.settings import Settings
 
     report: dict[str, Any] = {"auth_mode": None}
     ids: list[str] = []
@@ -282,7 +283,7 @@ def diagnose(ids: list[str]) -> dict[str, Any]:
     from bson import ObjectId
     from pymongo import MongoClient
 
-    from actors.supervisor import SUPERVISOR_NAME
+    from essential.actors.names import SUPERVISOR_NAME
 
     found: dict[str, Any] = {}
     try:
@@ -315,8 +316,8 @@ def head(args: argparse.Namespace) -> int:
     """A Ray head with a client server and the dashboard (Jobs REST API), both on 127.0.0.1; SIGTERM stops it."""
     import ray
 
-    from actors.client import EssentialClient, connect_ray
-    from actors.settings import Settings
+    from essential.actors.client.ray_client import EssentialClient, connect_ray
+    from essential.actors.settings import Settings
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -358,9 +359,9 @@ def client_first(args: argparse.Namespace) -> int:
     """Over ray://: every client operation, then a gated batch left mid-run when the client disconnects."""
     import ray
 
-    from actors.client import EssentialClient
-    from actors.settings import Settings
-    from orchestration import EssentialError
+    from essential.actors.client.ray_client import EssentialClient
+    from essential.actors.settings import Settings
+    from essential.orchestration import EssentialError
 
     report: dict[str, Any] = {}
     client = EssentialClient(Settings(), address=args.address)
@@ -419,8 +420,8 @@ def client_again(args: argparse.Namespace) -> int:
     """Reconnect over ray:// and look at the batch the first client left behind."""
     import ray
 
-    from actors.client import EssentialClient
-    from actors.settings import Settings
+    from essential.actors.client.ray_client import EssentialClient
+    from essential.actors.settings import Settings
 
     ids = args.ids.split(",")
     mode_before = os.environ.get("RAY_AUTH_MODE")

@@ -19,7 +19,7 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if os.environ.get("ESSENTIAL_MONGODB_URI"):
         yield None
         return
-    from persistence.embedded import EmbeddedMongo
+    from essential.actors.dev.mongodb import EmbeddedMongo
 
     server = EmbeddedMongo(data_dir=tmp_path_factory.mktemp("mongo"), log_dir=tmp_path_factory.mktemp("logs"))
     server.start()
@@ -35,7 +35,7 @@ def mongo_uri(mongo_server: Any) -> str:
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The embedded Kafka broker (memory storage); tests may kill and restart it on the same port."""
-    from actors.embedded_kafka import EmbeddedKafka
+    from essential.actors.dev.kafka_broker import EmbeddedKafka
 
     broker = EmbeddedKafka(log_dir=tmp_path_factory.mktemp("kafka-logs"))
     broker.start()
@@ -60,7 +60,7 @@ def essential_env(mongo_uri: str, kafka: Any) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     os.environ.update(env)
-    from actors.settings import get_settings
+    from essential.actors.settings import get_settings
 
     get_settings.cache_clear()
     return env
@@ -70,8 +70,8 @@ def init_ray() -> None:
     """A local Ray whose every process listens on and advertises 127.0.0.1 only."""
     import ray
 
-    from actors.loopback import bind_ray_to_loopback
-    from persistence.embedded import free_port
+    from essential.actors.loopback import bind_ray_to_loopback
+    from essential.actors.dev.mongodb import free_port
 
     bind_ray_to_loopback()
     ray.init(
@@ -97,14 +97,14 @@ def ray_session(essential_env: dict[str, str]) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def settings(essential_env: dict[str, str]) -> Any:
-    from actors.settings import Settings
+    from essential.actors.settings import Settings
 
     return Settings()
 
 
 @pytest.fixture(scope="session")
 def client(ray_session: Any, settings: Any) -> Any:
-    from actors.client import EssentialClient
+    from essential.actors.client.ray_client import EssentialClient
 
     return EssentialClient(settings)
 
@@ -120,7 +120,7 @@ async def mongo(mongo_uri: str, essential_env: dict[str, str]) -> AsyncIterator[
 
 async def empty_store(mongo: Any, database: str) -> Any:
     """A saga store on a database of its own, emptied first: for modules that count what they write."""
-    from persistence.store import MongoSagaStore
+    from essential.persistence.store import MongoSagaStore
 
     await mongo.drop_database(database)
     store = MongoSagaStore(mongo, database)
@@ -130,7 +130,7 @@ async def empty_store(mongo: Any, database: str) -> Any:
 
 @pytest.fixture(scope="session")
 async def store(mongo: Any) -> Any:
-    from persistence.store import MongoSagaStore
+    from essential.persistence.store import MongoSagaStore
 
     store = MongoSagaStore(mongo, TEST_DB)
     await store.ensure_indexes()
@@ -145,8 +145,8 @@ def deployment(ray_session: Any, settings: Any, mongo: Any) -> Iterator[Callable
     Two supervisors must never sweep one database: each would take the other's
     sagas for orphans.  Returns ``make(name, **settings) -> (client, store)``.
     """
-    from actors.client import EssentialClient, stop_deployment
-    from persistence.store import MongoSagaStore
+    from essential.actors.client.ray_client import EssentialClient, stop_deployment
+    from essential.persistence.store import MongoSagaStore
 
     made: list[str] = []
 

@@ -18,8 +18,8 @@ import sys
 async def main(mode: str, database: str, saga_id: str, owner: str) -> dict:
     from pymongo import AsyncMongoClient
 
-    from orchestration import JobRegistry, SagaRunner
-    from persistence.store import MongoSagaStore
+    from essential.orchestration import JobRegistry, SagaRunner
+    from essential.persistence.store import MongoSagaStore
 
     client: AsyncMongoClient = AsyncMongoClient(os.environ["ESSENTIAL_MONGODB_URI"], tz_aware=True)
     try:

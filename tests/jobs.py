@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pydantic import BaseModel, Field
 from pymongo.errors import DuplicateKeyError
 
-from actors.participants import kafka_step
-from orchestration import Job, RetryPolicy, StepContext
-from persistence.connection import shared_client
+from essential.actors.kafka.participants import kafka_step
+from essential.orchestration import Job, RetryPolicy, StepContext
+from essential.persistence.connection import shared_client
 
 
 class Knobs(BaseModel):
@@ -186,7 +186,7 @@ def _signal_job(name: str, linger: float) -> Job:
     async def check(ctx: StepContext[FlowKnobs]) -> dict:
         await _db().calls.insert_one({"saga": ctx.saga_id, "step": "go", "kind": "signal", "payload": ctx.signal})
         if isinstance(ctx.signal, dict) and ctx.signal.get("refuse"):
-            from orchestration import StepFailed
+            from essential.orchestration import StepFailed
 
             raise StepFailed(f"signal refused: {ctx.signal['refuse']}")
         return {"got": ctx.signal}
@@ -224,7 +224,7 @@ _add_local(later, "a")
 
 @later.step(bucket="test.poll", action="read", retry=RetryPolicy(attempts=2, backoff=0.01))
 async def poll(ctx: StepContext[FlowKnobs]) -> dict:
-    from orchestration import RetryLater
+    from essential.orchestration import RetryLater
 
     await _db().calls.insert_one({"saga": ctx.saga_id, "step": "poll", "kind": "run", "deferred": ctx.deferred})
     if ctx.deferred < ctx.payload.defer_rounds and ctx.payload.defer > 0:
@@ -253,7 +253,7 @@ parent_lingers = _parent_job("test:parent-linger", linger=120)
 
 # bucket locks on the payload's wallet: wait for it, or fail fast
 def _lock_job(name: str, on_conflict: str, *, first: bool) -> Job:
-    from orchestration import Lock
+    from essential.orchestration import Lock
 
     job = _flow(name)
     if not first:
@@ -285,7 +285,7 @@ class TwoLocks(FlowKnobs):
 
 
 def _two_locks_job() -> Job:
-    from orchestration import Lock
+    from essential.orchestration import Lock
 
     job: Job[TwoLocks] = Job("test:lock-two", payload=TwoLocks, ttl=120)
     for name, key in (("a", lambda ctx: ctx.payload.first), ("b", lambda ctx: ctx.payload.second)):

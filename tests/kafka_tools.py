@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from actors.gateway import GATEWAY_NAME
+from essential.actors.names import GATEWAY_NAME
 
 #: where the CRC of a v2 record batch sits, and where the bytes it covers start
 _CRC_AT, _CRC_FROM, _BATCH_HEADER = 17, 21, 61

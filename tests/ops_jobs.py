@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from orchestration import Job, RetryPolicy, StepContext
+from essential.orchestration import Job, RetryPolicy, StepContext
 
 from .jobs import Knobs, _behave, _db, _undo
 

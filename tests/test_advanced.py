@@ -17,7 +17,7 @@ import pytest
 import ray
 from bson import ObjectId
 
-from orchestration import (
+from essential.orchestration import (
     IllegalTransition,
     InvalidRequest,
     JobRegistry,
@@ -27,10 +27,10 @@ from orchestration import (
     StartRequest,
     build_saga,
 )
-from orchestration.dsl import Job, Lock
-from orchestration.models import Stage
-from orchestration.states import Action, StageStatus
-from persistence.store import MongoSagaStore
+from essential.orchestration.dsl import Job, Lock
+from essential.orchestration.models import Stage
+from essential.orchestration.states import Action, StageStatus
+from essential.persistence.store import MongoSagaStore
 
 from .conftest import JOBS_DB, poll
 from .test_saga_runtime import _actor, call
@@ -510,7 +510,7 @@ async def test_manual_clock_sleeps_until_advanced() -> None:
 async def test_locks_are_released_by_ttl_expiry_and_dropped_by_prune(travel: tuple[Any, JobRegistry]) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from orchestration import SystemClock
+    from essential.orchestration import SystemClock
 
     store, registry = travel
     wallet = f"w-{uuid.uuid4().hex[:8]}"
@@ -549,7 +549,7 @@ async def test_prune_drops_the_payloads_of_old_terminal_sagas_only(mongo: Any) -
     waiting or parked saga keeps everything however old, since it may still need it."""
     from datetime import datetime, timedelta, timezone
 
-    from orchestration import SystemClock
+    from essential.orchestration import SystemClock
 
     await mongo.drop_database("essential_prune_direct")
     store = MongoSagaStore(mongo, "essential_prune_direct")

@@ -15,10 +15,18 @@ import pytest
 
 from examples import data
 from examples.services import db, identity, logistics, notifications, wallet
-from orchestration import JobRegistry, ManualClock, SagaRunner, SagaState, StartRequest, SystemClock, build_saga
-from orchestration.clock import Clock
-from orchestration.models import Saga, Stage
-from orchestration.states import Action, StageStatus
+from essential.orchestration import (
+    JobRegistry,
+    ManualClock,
+    SagaRunner,
+    SagaState,
+    StartRequest,
+    SystemClock,
+    build_saga,
+)
+from essential.orchestration.clock import Clock
+from essential.orchestration.models import Saga, Stage
+from essential.orchestration.states import Action, StageStatus
 
 pytestmark = pytest.mark.asyncio
 
@@ -47,8 +55,8 @@ def examples_env(essential_env: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="module")
 async def store(examples_env: str, mongo_uri: str) -> Any:
-    from persistence.connection import shared_client
-    from persistence.store import MongoSagaStore
+    from essential.persistence.connection import shared_client
+    from essential.persistence.store import MongoSagaStore
 
     client = shared_client(mongo_uri)
     await client.drop_database(STORE_DB)

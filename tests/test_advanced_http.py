@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Iterator
 import httpx
 import pytest
 
-from orchestration import SagaState
+from essential.orchestration import SagaState
 
 from .conftest import poll
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.asyncio
 def http_api(ray_session: Any, client: Any, settings: Any) -> Iterator[tuple[str, str]]:
     from ray import serve
 
-    from actors.http_api import start_http
-    from persistence.embedded import free_port
+    from essential.actors.http.api import start_http
+    from essential.actors.dev.mongodb import free_port
 
     token = secrets.token_urlsafe(24)
     base = start_http(settings.model_copy(update={"http_port": free_port()}), token=token)

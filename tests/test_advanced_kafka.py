@@ -8,9 +8,9 @@ from typing import Any, AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from actors.gateway import ensure_gateway
-from actors.kafka_commands import Rejection, SignalCommand, parse_command
-from orchestration import SagaState
+from essential.actors.kafka.gateway import ensure_gateway
+from essential.actors.kafka.commands import Rejection, SignalCommand, parse_command
+from essential.orchestration import SagaState
 
 from .conftest import poll
 from .kafka_tools import stop_gateway

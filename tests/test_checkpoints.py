@@ -14,9 +14,17 @@ from typing import Any, AsyncIterator
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 
-from orchestration import JobRegistry, SagaRunner, SagaState, StageStatus, StartRequest, SystemClock, build_saga
-from orchestration.states import Action
-from persistence.store import MongoSagaStore
+from essential.orchestration import (
+    JobRegistry,
+    SagaRunner,
+    SagaState,
+    StageStatus,
+    StartRequest,
+    SystemClock,
+    build_saga,
+)
+from essential.orchestration.states import Action
+from essential.persistence.store import MongoSagaStore
 
 from .conftest import JOBS_DB, poll
 

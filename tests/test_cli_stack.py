@@ -87,7 +87,7 @@ def test_make_clean_keeps_saga_data_and_purge_asks_first(tmp_path: Path) -> None
 
 
 def test_batch_payload_template() -> None:
-    from actors.cli import fill_template
+    from essential.actors.cli.main import fill_template
 
     template = {"order_id": "o-{n}", "customer": "cust-{n:03d}", "items": [{"sku": "sku-{n}", "qty": 1}], "amount": 5}
     assert fill_template(template, 7) == {

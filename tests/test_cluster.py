@@ -115,7 +115,7 @@ async def sagas_in(mongo: Any, database: str, ids: list[str]) -> dict[str, dict[
 
 async def assert_relay_consistent(mongo: Any, database: str, saga_id: str) -> None:
     """Completed, stages a, b, c recorded once each (seq 1..3), exactly one effect per stage."""
-    from persistence.store import MongoSagaStore
+    from essential.persistence.store import MongoSagaStore
 
     store = MongoSagaStore(mongo, database)
     saga = await store.get(saga_id)
@@ -191,7 +191,7 @@ def test_cluster_yaml_passes_rays_schema_and_a_broken_copy_fails() -> None:
 
 # ---------------------------------------------------------------------------- connect_ray
 def test_connect_ray_keeps_loopback_only_for_loopback_addresses() -> None:
-    from actors.client import _is_loopback
+    from essential.actors.client.ray_client import _is_loopback
 
     for address in ("127.0.0.1:6379", "ray://127.0.0.1:10001", "localhost:6379", "ray://localhost:10001", "[::1]:6379"):
         assert _is_loopback(address), address
@@ -250,7 +250,7 @@ async def test_losing_a_worker_node_mid_batch_loses_nothing(
 @pytest.fixture(scope="module")
 def ray_head(essential_env: dict[str, str], mongo_uri: str, ray_token: str, tmp_path_factory: Any) -> Iterator[dict]:
     """A Ray head whose client server (ray://) and dashboard (Jobs API) listen on 127.0.0.1."""
-    from persistence.embedded import free_port
+    from essential.actors.dev.mongodb import free_port
 
     drop_databases(mongo_uri, HEAD_DB)
     work = tmp_path_factory.mktemp("ray-head")

@@ -1,7 +1,7 @@
 """Every Essential client is configured alike (persistence/connection.py), against the real dev server."""
 from __future__ import annotations
 
-from persistence.connection import new_client, shared_client
+from essential.persistence.connection import new_client, shared_client
 
 
 async def test_one_tz_aware_client_per_process_and_loop(mongo_uri: str) -> None:

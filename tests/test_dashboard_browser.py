@@ -18,7 +18,7 @@ import httpx
 import pytest
 import ray
 
-from orchestration import SagaState
+from essential.orchestration import SagaState
 
 from .browser import Browser, ensure_chromium
 from .conftest import REPO, poll

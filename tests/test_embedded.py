@@ -10,8 +10,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pymongo import AsyncMongoClient
 
-from actors.embedded_kafka import EmbeddedKafka, ensure_topics
-from persistence.embedded import EmbeddedMongo, ServerStartError, pid_alive
+from essential.actors.dev.kafka_broker import EmbeddedKafka
+from essential.actors.kafka.topics import ensure_topics
+from essential.actors.dev.mongodb import EmbeddedMongo, ServerStartError, pid_alive
 
 
 @pytest.fixture

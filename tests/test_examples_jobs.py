@@ -16,7 +16,7 @@ import pytest
 from examples import data
 from examples.services import db, identity, inventory, logistics, notifications, orders, wallet
 from examples.services.ledger import AlreadyCompensated
-from orchestration import (
+from essential.orchestration import (
     InvalidPayload,
     JobRegistry,
     ManualClock,
@@ -28,8 +28,8 @@ from orchestration import (
     SystemClock,
     build_saga,
 )
-from orchestration.models import Saga, Stage
-from orchestration.states import Action
+from essential.orchestration.models import Saga, Stage
+from essential.orchestration.states import Action
 
 from .conftest import poll
 
@@ -61,8 +61,8 @@ def examples_env(essential_env: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="module")
 async def saga_store(examples_env: str, mongo_uri: str) -> Any:
-    from persistence.connection import shared_client
-    from persistence.store import MongoSagaStore
+    from essential.persistence.connection import shared_client
+    from essential.persistence.store import MongoSagaStore
 
     client = shared_client(mongo_uri)
     await client.drop_database(STORE_DB)

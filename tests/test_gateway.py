@@ -23,10 +23,10 @@ import ray
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from actors.gateway import ensure_gateway
-from actors.saga_actor import actor_name
-from orchestration import SagaState
-from orchestration.states import Action, StageStatus
+from essential.actors.kafka.gateway import ensure_gateway
+from essential.actors.names import actor_name
+from essential.orchestration import SagaState
+from essential.orchestration.states import Action, StageStatus
 
 from .kafka_tools import Tap, stop_gateway
 from .conftest import JOBS_DB, REPO, TEST_DB, poll
@@ -270,10 +270,10 @@ async def test_bad_commands_are_dead_lettered_while_valid_ones_are_applied(
 async def test_a_row_kafka_can_never_take_is_set_aside_and_does_not_block_the_relay(
     gateway: Any, kafka: Any, mongo: Any
 ) -> None:
-    from orchestration.models import Event, new_id
-    from orchestration.states import EventType
-    from persistence.documents import event_to_doc
-    from persistence.outbox import utcnow
+    from essential.orchestration.models import Event, new_id
+    from essential.orchestration.states import EventType
+    from essential.persistence.documents import event_to_doc
+    from essential.persistence.outbox import utcnow
 
     def row(big: bool) -> dict[str, Any]:
         data = {"blob": "x" * (3 * 1024 * 1024)} if big else {}
@@ -485,7 +485,7 @@ async def test_gateway_killed_between_applying_a_command_and_committing_its_offs
     gate = f"g-{uuid.uuid4().hex}"
     correlation = f"c-{uuid.uuid4()}"
     db = mongo[TEST_DB]
-    from persistence.outbox import utcnow
+    from essential.persistence.outbox import utcnow
 
     since = utcnow()
     old_pid = await gateway.pid.remote()

@@ -32,7 +32,7 @@ import pytest
 import ray
 from bson import ObjectId
 
-from orchestration import IdempotencyKeyReused, InvalidRequest
+from essential.orchestration import IdempotencyKeyReused, InvalidRequest
 
 from .conftest import REPO
 
@@ -60,12 +60,12 @@ class Api:
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 async def hostile(deployment: Any, mongo: Any) -> AsyncIterator[tuple[Any, Any]]:
-    from persistence.store import MongoSagaStore
+    from essential.persistence.store import MongoSagaStore
 
     client, store = await deployment(NS, placement="shared", host_pool_size=1, recorded_databases="hostile_shop*")
     await MongoSagaStore(mongo, TWIN).ensure_indexes()  # an Essential deployment's collections, in an allowed name
     yield client, store
-    from actors.client import stop_deployment
+    from essential.actors.client.ray_client import stop_deployment
 
     await call(stop_deployment, NS, 2)
 
@@ -74,8 +74,8 @@ async def hostile(deployment: Any, mongo: Any) -> AsyncIterator[tuple[Any, Any]]
 def api(hostile: tuple[Any, Any]) -> Iterator[Api]:
     from ray import serve
 
-    from actors.http_api import start_http
-    from persistence.embedded import free_port
+    from essential.actors.http.api import start_http
+    from essential.actors.dev.mongodb import free_port
 
     client, store = hostile
     token = secrets.token_urlsafe(24)
@@ -591,7 +591,7 @@ async def test_concurrent_mixed_good_and_bad_requests(http: httpx.AsyncClient, a
 
 # --------------------------------------------------------------------------- Python client and CLI
 async def test_the_python_client_refuses_hostile_input_typed(hostile: tuple[Any, Any], mongo: Any) -> None:
-    from orchestration.recorded import InvalidField
+    from essential.orchestration.errors import InvalidField
 
     client, _ = hostile
     for payload, kwargs in (({"a\x00b": 1}, {}), ({"$where": "1"}, {}), ({"n": 2**70}, {}), ({}, {"ttl": True}),

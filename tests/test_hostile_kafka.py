@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from actors.gateway import ensure_gateway
+from essential.actors.kafka.gateway import ensure_gateway
 
 from .conftest import poll
 from .kafka_tools import Tap, headers, send_with_raw_header_key, stop_gateway
@@ -38,7 +38,7 @@ async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 async def open_recorded(client: Any) -> Any:
     """A recorded saga, once a live-saga slot is free (the probes' sagas may hold them for a moment)."""
-    from orchestration.recorded import TooManyOpenSagas
+    from essential.orchestration.errors import TooManyOpenSagas
 
     async def opened() -> Any:
         try:
@@ -316,7 +316,7 @@ async def test_every_class_of_bad_command_is_dead_lettered_with_its_reason_and_g
 async def test_bad_replies_are_dead_lettered_and_good_ones_are_stored(boundary: Boundary, kafka: Any) -> None:
     from bson import ObjectId
 
-    from persistence.outbox import utcnow
+    from essential.persistence.outbox import utcnow
 
     b = boundary
     saga = str(ObjectId())
@@ -366,8 +366,8 @@ async def test_a_transient_failure_is_retried_for_a_bounded_time_then_dead_lette
     """The supervisor cannot reach its database (a port where nothing listens): every start fails
     transiently.  Each command is retried for ``kafka_retry_seconds``, then dead-lettered saying why,
     and the partition moves on to the next one."""
-    from actors.client import get_supervisor, stop_deployment
-    from persistence.embedded import free_port
+    from essential.actors.client.ray_client import get_supervisor, stop_deployment
+    from essential.actors.dev.mongodb import free_port
 
     name = "hostile_outage"
     overrides = {

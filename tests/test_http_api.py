@@ -17,7 +17,7 @@ import pytest
 from bson import Decimal128, ObjectId, json_util
 from pymongo import ReturnDocument
 
-from orchestration.models import new_id
+from essential.orchestration.models import new_id
 
 DB = "rthttp"
 MAX_BODY = 64 * 1024
@@ -33,8 +33,8 @@ def http_api(ray_session: Any, client: Any, settings: Any) -> Iterator[tuple[str
     """Ray Serve on a free 127.0.0.1 port with the API deployed; yields (base address, token)."""
     from ray import serve
 
-    from actors.http_api import start_http
-    from persistence.embedded import free_port
+    from essential.actors.http.api import start_http
+    from essential.actors.dev.mongodb import free_port
 
     token = secrets.token_urlsafe(24)
     conf = settings.model_copy(update={"http_port": free_port(), "http_max_body_bytes": MAX_BODY})

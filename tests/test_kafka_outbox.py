@@ -19,13 +19,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from bson import ObjectId
 
-from actors.gateway import GatewayService, ensure_gateway
-from orchestration import SagaState
-from orchestration.models import Event, new_id
-from orchestration.states import EventType
-from persistence import command_outbox
-from persistence.documents import event_to_doc
-from persistence.outbox import OutboxQueue, utcnow
+from essential.actors.kafka.gateway import GatewayService, ensure_gateway
+from essential.orchestration import SagaState
+from essential.orchestration.models import Event, new_id
+from essential.orchestration.states import EventType
+from essential.persistence import command_outbox
+from essential.persistence.documents import event_to_doc
+from essential.persistence.outbox import OutboxQueue, utcnow
 
 from .conftest import TEST_DB, poll
 from .jobs import PAYMENTS_TOPIC
@@ -87,7 +87,7 @@ async def test_a_sagas_next_row_goes_to_kafka_only_once_the_one_before_it_was_ac
     order when the first fails and is sent again.  Stall the broker (SIGSTOP) while the relay holds
     two rows of one saga: only the first may be handed to Kafka before the broker answers, so the
     second one's producer timestamp is later than the moment the broker resumed."""
-    from actors.settings import Settings
+    from essential.actors.settings import Settings
 
     conf = Settings(database=fresh_db.name, relay_lease_seconds=2.0, kafka_request_timeout=30.0,
                     kafka_watch_restarts=False, relay_poll_interval=0.05)  # fmt: skip
@@ -139,7 +139,7 @@ async def test_a_sagas_next_row_goes_to_kafka_only_once_the_one_before_it_was_ac
 async def test_refused_rows_and_old_replies_are_pruned_after_the_retention(
     essential_env: dict[str, str], kafka: Any, fresh_db: Any
 ) -> None:
-    from actors.settings import Settings
+    from essential.actors.settings import Settings
 
     conf = Settings(database=fresh_db.name, retention=3600.0, kafka_prune_interval=1.0, kafka_watch_restarts=False)
     old, now = utcnow() - timedelta(hours=2), utcnow()

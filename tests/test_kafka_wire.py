@@ -5,16 +5,11 @@ import json
 
 import pytest
 
-from actors.kafka_commands import AbortCommand, Rejection, StartCommand, parse_command
-from actors.kafka_config import (
-    bootstrap_is_loopback,
-    producer_kwargs,
-    use_idempotence,
-    watch_restarts,
-)
-from actors.outbox_relay import encode, plan_waves, traceparent_for
-from actors.participant_protocol import ParticipantCommand, ParticipantReply
-from actors.settings import Settings
+from essential.actors.kafka.commands import AbortCommand, Rejection, StartCommand, parse_command
+from essential.actors.kafka.config import bootstrap_is_loopback, producer_kwargs, use_idempotence, watch_restarts
+from essential.actors.kafka.relay import encode, plan_waves, traceparent_for
+from essential.actors.kafka.participant_protocol import ParticipantCommand, ParticipantReply
+from essential.actors.settings import Settings
 
 SAGA = "0123456789abcdef01234567"
 
@@ -122,7 +117,7 @@ def test_participant_reply_echoes_the_command() -> None:
 
 
 def test_example_remote_job_registers() -> None:
-    from orchestration import JobRegistry
+    from essential.orchestration import JobRegistry
 
     job = JobRegistry.from_modules(["examples.remote_jobs"]).get("order:remote-fulfillment")
     assert [s.name for s in job.steps] == ["reserve_stock", "charge_wallet", "create_invoice", "send_confirmation"]
@@ -144,7 +139,7 @@ def test_failures_that_retrying_cannot_cure_are_told_apart_from_outages() -> Non
     )
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from actors.kafka_failures import cause_of, describe, is_transient, permanent_code
+    from essential.actors.kafka.failures import cause_of, describe, is_transient, permanent_code
 
     def remote(exc: BaseException) -> BaseException:  # how an actor's error reaches its caller
         return RayTaskError("Supervisor.start", "Traceback ...", exc).as_instanceof_cause()
@@ -163,7 +158,7 @@ def test_failures_that_retrying_cannot_cure_are_told_apart_from_outages() -> Non
 
 
 def test_a_dead_letter_always_fits_the_producer_limit() -> None:
-    from actors.dlq import Source, build
+    from essential.actors.kafka.dlq import Source, build
 
     budget = 1024 * 1024 - 4096
     source = Source("saga.commands", 2, 17, 1, key=b"k" * 300_000, value=b"v" * 1_100_000,

@@ -24,11 +24,12 @@ import ray
 from bson import ObjectId
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors import metrics
-from actors.gateway import GATEWAY_NAME, ensure_gateway
-from actors.tracing import TRACEPARENT, valid
-from orchestration import SagaState
-from orchestration.states import Action
+from essential.actors import metrics
+from essential.actors.kafka.gateway import ensure_gateway
+from essential.actors.names import GATEWAY_NAME
+from essential.actors.tracing import TRACEPARENT, valid
+from essential.orchestration import SagaState
+from essential.orchestration.states import Action
 
 from .conftest import JOBS_DB, REPO, poll
 
@@ -518,7 +519,7 @@ def test_log_formats() -> None:
     import io
     import logging
 
-    from actors import logs
+    from essential.actors import logs
 
     stream = io.StringIO()
     root = logging.getLogger("essential")
@@ -542,7 +543,7 @@ def test_log_formats() -> None:
 
 
 def test_traceparent_helpers() -> None:
-    from actors import tracing
+    from essential.actors import tracing
 
     fresh = tracing.new_traceparent()
     assert TRACEPARENT.match(fresh) and tracing.valid(fresh)
@@ -559,8 +560,8 @@ def test_traceparent_helpers() -> None:
 async def test_batch_start_shows_progress_and_a_summary(client: Any, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """`essential start JOB --count N --wait`: progress bars on stderr, the outcome by state on stdout."""
-    from actors.cli import main
-    from actors.settings import get_settings
+    from essential.actors.cli.main import main
+    from essential.actors.settings import get_settings
 
     monkeypatch.setenv("ESSENTIAL_RAY_ADDRESS", "127.0.0.1:1")  # already connected: only skips the stack lookup
     get_settings.cache_clear()

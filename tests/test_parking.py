@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
-from orchestration import SagaState
-from orchestration.states import Action, StageStatus
+from essential.orchestration import SagaState
+from essential.orchestration.states import Action, StageStatus
 
 from .conftest import JOBS_DB, poll
 from .test_advanced import kill_actor

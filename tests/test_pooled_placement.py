@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import ray
 
-from orchestration import SagaState
+from essential.orchestration import SagaState
 
 from .conftest import JOBS_DB, poll
 from .test_saga_runtime import call

@@ -13,10 +13,10 @@ from typing import Any, AsyncIterator
 import pytest
 from pymongo import AsyncMongoClient
 
-from orchestration import JobRegistry, SagaState, StartRequest, SystemClock, build_saga
-from orchestration.models import Stage, StageMeta
-from orchestration.states import Action
-from persistence.store import MongoSagaStore, lock_label
+from essential.orchestration import JobRegistry, SagaState, StartRequest, SystemClock, build_saga
+from essential.orchestration.models import Stage, StageMeta
+from essential.orchestration.states import Action
+from essential.persistence.store import MongoSagaStore, lock_label
 
 pytestmark = pytest.mark.asyncio
 DB = "races_essential"
@@ -93,7 +93,7 @@ async def test_a_lock_waiter_is_woken_even_when_the_lock_changed_hands_before_it
     await take_lock(x_store, x_id, x_epoch)
 
     # W meets the lock and registers as X's waiter, then lingers in its actor (not yet `waiting`)
-    from orchestration.errors import LockBusy
+    from essential.orchestration.errors import LockBusy
 
     with pytest.raises(LockBusy):
         await take_lock(w_store, w_id, w_epoch)
@@ -209,7 +209,7 @@ def _timeout_then(second: str) -> Any:
 
     from pydantic import BaseModel
 
-    from orchestration import Job, RetryLater, RetryPolicy
+    from essential.orchestration import Job, RetryLater, RetryPolicy
 
     class Nothing(BaseModel):
         pass
@@ -250,8 +250,8 @@ async def test_a_step_whose_attempt_timed_out_is_compensated_whatever_the_later_
 ) -> None:
     """Its outcome is unknown once an attempt timed out: a later ordinary failure (or RetryLater)
     must not make it 'failed, nothing to undo' — the timed-out attempt may have taken effect."""
-    from orchestration import SagaRunner
-    from orchestration.states import StageStatus
+    from essential.orchestration import SagaRunner
+    from essential.orchestration.states import StageStatus
 
     job = _timeout_then(second)
     registry = JobRegistry([job])
@@ -272,7 +272,7 @@ async def test_a_step_raising_one_of_essentials_own_errors_fails_its_attempt(run
     policy — not an exception out of the runner (the actor then crashed and was restored, again and again)."""
     from pydantic import BaseModel
 
-    from orchestration import IllegalTransition, Job, RetryPolicy, SagaRunner
+    from essential.orchestration import IllegalTransition, Job, RetryPolicy, SagaRunner
 
     class Nothing(BaseModel):
         pass
@@ -382,8 +382,9 @@ async def test_a_saga_actor_created_without_its_run_call_still_drives_its_saga(c
     the idle actor counted as a running saga for ever (sagas stuck `pending` after a kill storm)."""
     import ray
 
-    from actors.saga_actor import SagaActor, actor_name
-    from actors.settings import get_settings
+    from essential.actors.names import actor_name
+    from essential.actors.sagas.saga_actor import SagaActor
+    from essential.actors.settings import get_settings
 
     registry = JobRegistry.from_modules(["tests.jobs"])
     settings = client.settings.model_dump(mode="json")
@@ -424,7 +425,7 @@ async def test_pooled_placement_never_runs_a_saga_twice_when_its_host_is_busy_af
 
     import ray
 
-    from actors.hosting import SUPERVISOR_NAME
+    from essential.actors.names import SUPERVISOR_NAME
     from tests.test_saga_runtime import call
 
     from .conftest import JOBS_DB, poll
@@ -472,7 +473,7 @@ async def test_an_operator_resume_or_abort_waits_for_a_free_slot(deployment: Any
 
     import ray
 
-    from actors.hosting import SUPERVISOR_NAME
+    from essential.actors.names import SUPERVISOR_NAME
     from tests.test_saga_runtime import call
 
     from .conftest import JOBS_DB, poll
@@ -516,7 +517,7 @@ async def test_restores_caused_by_a_shared_hosts_death_do_not_park_its_sagas(dep
 
     import ray
 
-    from actors.saga_host import host_name
+    from essential.actors.names import host_name
     from tests.test_saga_runtime import call
 
     from .conftest import JOBS_DB, poll

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from persistence.embedded import free_port
+from essential.actors.dev.mongodb import free_port
 from tests.readme_blocks import Block, missing_lines, read_blocks
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,13 +21,12 @@ import ray
 from bson import Decimal128, ObjectId, json_util
 from pymongo import ReturnDocument
 
-from actors.recorded import RecordedClient
-from orchestration import IllegalTransition, SagaNotFound, SagaState
-from orchestration.models import Saga, new_id
-from orchestration.recorded import (
+from essential.actors.client.recorded import RecordedClient
+from essential.orchestration import IllegalTransition, SagaNotFound, SagaState
+from essential.orchestration.models import Saga, new_id
+from essential.orchestration.recorded import (
     AddStage,
     Inverse,
-    InvalidField,
     StartRecorded,
     action_of,
     check,
@@ -35,7 +34,8 @@ from orchestration.recorded import (
     route_bucket,
     undo_plan,
 )
-from orchestration.states import Action
+from essential.orchestration.errors import InvalidField
+from essential.orchestration.states import Action
 
 from .conftest import poll
 from .kafka_tools import stop_gateway
@@ -365,7 +365,7 @@ REMOTE_TOPIC = "rec_kafka.payments"
 @pytest.fixture(scope="module")
 async def kafka_deployment(deployment: Any, settings: Any, kafka: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
     """A deployment whose bucket ``rtpay.ledger`` belongs to a remote service, with its own gateway and topics."""
-    from actors.gateway import ensure_gateway
+    from essential.actors.kafka.gateway import ensure_gateway
 
     name = "rec_kafka"
     overrides = {
@@ -396,7 +396,7 @@ class PaymentsService:
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> "PaymentsService":
-        from actors.embedded_kafka import ensure_topics
+        from essential.actors.kafka.topics import ensure_topics
 
         await ensure_topics(self.consumer._client._bootstrap_servers, [REMOTE_TOPIC], partitions=1)
         await self.consumer.start()
@@ -412,7 +412,7 @@ class PaymentsService:
         await self.producer.stop()
 
     async def _consume(self) -> None:
-        from actors.participant_protocol import ParticipantCommand
+        from essential.actors.kafka.participant_protocol import ParticipantCommand
 
         while True:
             for msgs in (await self.consumer.getmany(timeout_ms=200)).values():
@@ -423,7 +423,7 @@ class PaymentsService:
         return await asyncio.wait_for(self.commands.get(), timeout)
 
     async def reply(self, command: Any, *, ok: bool, result: dict | None = None) -> None:
-        from actors.participant_protocol import ParticipantReply
+        from essential.actors.kafka.participant_protocol import ParticipantReply
 
         reply = ParticipantReply.answering(command, ok=ok, result=result)
         await self.producer.send_and_wait(command.reply_topic, reply.to_bytes(), key=command.saga.encode())
@@ -432,7 +432,7 @@ class PaymentsService:
 async def test_remote_bucket_is_compensated_by_its_service_over_kafka(
     kafka_deployment: tuple[Any, Any, Any], kafka: Any, mongo: Any
 ) -> None:
-    from persistence.inverse import apply_inverse
+    from essential.persistence.inverse import apply_inverse
 
     client, store, conf = kafka_deployment
     tag = f"r{uuid.uuid4().hex[:8]}"
@@ -544,7 +544,7 @@ async def test_recorded_sagas_in_shared_host_actors(deployment: Any, mongo: Any)
 
 # ============================================================== the boundary: what must never be accepted
 def test_buckets_never_resolve_to_protected_databases() -> None:
-    from orchestration.recorded import check_database
+    from essential.orchestration.recorded import check_database
 
     route = lambda bucket, **kw: route_bucket(bucket, kw.get("mapping"), kw.get("prefix", ""))  # noqa: E731
     for bucket, kw in [
@@ -598,7 +598,7 @@ def test_recorded_requests_are_strict() -> None:
 
 
 async def test_a_reused_recorded_key_or_id_with_other_parameters_is_refused(client: Any) -> None:
-    from orchestration import IdempotencyKeyReused
+    from essential.orchestration import IdempotencyKeyReused
 
     with pytest.raises(InvalidField) as info:
         await call(client.recorded.start, True)
@@ -621,7 +621,7 @@ async def test_a_reused_recorded_key_or_id_with_other_parameters_is_refused(clie
 
 async def test_arrival_waits_leave_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """An operation for a saga whose runner never arrives must not leave its wait behind, per saga, forever."""
-    from actors import recorded
+    from essential.actors.sagas import recorded_runner as recorded
 
     monkeypatch.setattr(recorded, "ARRIVAL_TIMEOUT", 0.01)
     before = len(recorded._arrived)
@@ -631,7 +631,7 @@ async def test_arrival_waits_leave_nothing_behind(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_expiring_map_drops_idle_and_surplus_entries() -> None:
-    from actors.expiring import ExpiringMap
+    from essential.actors.expiring import ExpiringMap
 
     now = [0.0]
     cache: ExpiringMap[str, int] = ExpiringMap(max_entries=3, idle=10.0, clock=lambda: now[0])

@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
-from orchestration import (
+from essential.orchestration import (
     Job,
     JobRegistry,
     ManualClock,
@@ -28,9 +28,9 @@ from orchestration import (
     StepContext,
     build_saga,
 )
-from orchestration.dsl import COMPENSATION_RETRY
-from orchestration.states import Action
-from persistence.store import MongoSagaStore
+from essential.orchestration.dsl import COMPENSATION_RETRY
+from essential.orchestration.states import Action
+from essential.persistence.store import MongoSagaStore
 
 from .conftest import empty_store, poll
 

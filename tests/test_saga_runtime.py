@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import ray
 
-from orchestration import InvalidPayload, InvalidRequest, SagaState, UnknownJob
-from orchestration.states import Action, StageStatus
+from essential.orchestration import InvalidPayload, InvalidRequest, SagaState, UnknownJob
+from essential.orchestration.states import Action, StageStatus
 
 from .conftest import JOBS_DB, poll
 
@@ -107,7 +107,7 @@ async def test_abort_in_mid_saga_compensates_what_ran(client: Any, store: Any, m
 def _ttl_job(clock: Any) -> Any:
     """a, b, c, d like test:chain; c moves the runner's clock to the saga's deadline as it
     begins: the TTL runs out while c is in flight, whatever the machine's speed."""
-    from orchestration import Job, RetryPolicy
+    from essential.orchestration import Job, RetryPolicy
 
     from .jobs import Knobs, _behave, _undo
 
@@ -134,8 +134,8 @@ async def test_ttl_expiry_is_handled_by_the_runner(mongo: Any) -> None:
     In process on a ManualClock, in a database no supervisor sweeps: the clock stands still until c
     moves it, so how far the saga gets does not depend on how fast actors start; c's attempt is
     bounded by the TTL left when it began (2 s), after which the runner finds the TTL passed."""
-    from orchestration import JobRegistry, ManualClock, SagaRunner, StartRequest, build_saga
-    from persistence.store import MongoSagaStore
+    from essential.orchestration import JobRegistry, ManualClock, SagaRunner, StartRequest, build_saga
+    from essential.persistence.store import MongoSagaStore
 
     await mongo.drop_database("essential_runtime_ttl")
     store = MongoSagaStore(mongo, "essential_runtime_ttl")
@@ -170,7 +170,7 @@ async def test_same_idempotency_key_yields_one_saga(client: Any, store: Any) -> 
     second = await call(client.start, "test:chain", {}, idempotency_key=key)
     assert first == second
     # the same key with another payload is the caller's mistake: refused, never a second saga
-    from orchestration import IdempotencyKeyReused
+    from essential.orchestration import IdempotencyKeyReused
 
     with pytest.raises(IdempotencyKeyReused):
         await call(client.start, "test:chain", {"tag": "different"}, idempotency_key=key)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import ray
 
-from orchestration import SagaState
-from orchestration.states import Action
+from essential.orchestration import SagaState
+from essential.orchestration.states import Action
 
 from .conftest import JOBS_DB, poll
 from .test_saga_runtime import call

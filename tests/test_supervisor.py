@@ -15,11 +15,11 @@ import ray
 from bson import ObjectId
 from ray.util.state import list_actors
 
-from actors.settings import Settings
-from orchestration import LeaseLost, SagaRunner, SagaState, StartRequest, SystemClock, build_saga
-from orchestration.registry import JobRegistry
-from orchestration.states import Action, StageStatus
-from persistence.store import MongoSagaStore
+from essential.actors.settings import Settings
+from essential.orchestration import LeaseLost, SagaRunner, SagaState, StartRequest, SystemClock, build_saga
+from essential.orchestration.registry import JobRegistry
+from essential.orchestration.states import Action, StageStatus
+from essential.persistence.store import MongoSagaStore
 
 from .conftest import JOBS_DB, init_ray, poll
 from .test_saga_runtime import _actor, call

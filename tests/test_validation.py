@@ -5,9 +5,9 @@ from typing import Any
 
 import pytest
 
-from orchestration import IdempotencyKeyReused, InvalidRequest, storable
-from orchestration.requests import MAX_TTL_SECONDS, StartRequest
-from orchestration.signals import SignalRequest
+from essential.orchestration import IdempotencyKeyReused, InvalidRequest, storable
+from essential.orchestration.requests import MAX_TTL_SECONDS, StartRequest
+from essential.orchestration.signals import SignalRequest
 
 from .test_saga_runtime import call
 

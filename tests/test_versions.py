@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestration import (
+from essential.orchestration import (
     Job,
     JobRegistry,
     ManualClock,
@@ -24,8 +24,8 @@ from orchestration import (
     StartRequest,
     build_saga,
 )
-from orchestration.states import Action
-from persistence.store import MongoSagaStore
+from essential.orchestration.states import Action
+from essential.persistence.store import MongoSagaStore
 
 from .conftest import JOBS_DB, empty_store
 from .jobs import FlowKnobs, _behave, _undo

@@ -16,8 +16,7 @@ from pymongo.errors import CollectionInvalid, OperationFailure
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 
-from actors.settings import get_settings
-from persistence.connection import shared_client
+from essential import get_settings, shared_client
 
 PREFIX_ENV = "ESSENTIAL_EXAMPLES_DB_PREFIX"
 SERVICE_DATABASES = ("inventory", "financial", "billing", "notify", "logistic", "users", "sales")

@@ -13,7 +13,7 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from orchestration.errors import StepFailed
+from essential import StepFailed
 
 from .db import collection, ensure_collections, now
 from .ledger import apply_once, undo_once

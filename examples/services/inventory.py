@@ -12,7 +12,7 @@ from typing import Any
 from pymongo import UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from orchestration.errors import StepFailed
+from essential import StepFailed
 
 from .db import collection, ensure_collections
 from .ledger import apply_once, undo_once

@@ -23,7 +23,7 @@ from typing import Any
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from orchestration.errors import StepFailed
+from essential import StepFailed
 
 from .db import collection, now, plain, transaction
 

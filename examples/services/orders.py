@@ -8,7 +8,7 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 
-from orchestration.errors import StepFailed
+from essential import StepFailed
 
 from .db import collection, ensure_collections, now
 from .ledger import apply_once, undo_once

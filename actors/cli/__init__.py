@@ -1,0 +1,1 @@
+"""The ``essential`` command line (nothing imports it)."""

@@ -1,0 +1,1 @@
+"""The Python client: needs only Ray at import time."""

@@ -1,0 +1,1 @@
+"""HTTP: the platform's routes, served by Ray Serve."""

@@ -1,0 +1,1 @@
+"""Kafka: the gateway actor (commands in, outbox out, participants' replies in) and Kafka steps."""

@@ -1,0 +1,1 @@
+"""The Ray actors that run sagas: the supervisor, dedicated saga actors, shared hosts and their placement."""
