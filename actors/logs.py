@@ -19,9 +19,8 @@ import sys
 import time
 from typing import Any
 
-from essential.orchestration import Saga, SagaState, Stage
-
 from essential.actors.tracing import trace_id
+from essential.orchestration import Saga, SagaState, Stage
 
 #: the context fields, in the order they are printed
 FIELDS = ("saga", "job", "stage", "seq", "action", "status", "state", "correlation_id", "trace_id", "where")

@@ -32,9 +32,9 @@ from typing import Any, Iterable
 
 import ray
 
+from essential.actors.names import SINK_NAME
 from essential.orchestration import Saga, SagaState, Stage
 from essential.orchestration.states import Action
-from essential.actors.names import SINK_NAME
 
 log = logging.getLogger("essential.metrics")
 

@@ -114,9 +114,9 @@ async def drive(base: str, token: str, n: int, concurrency: int) -> tuple[float,
 
 def run_mode(mode: str, uri: str, n: int, warmup: int, concurrency: int, hosts: int) -> Result:
     from essential.actors.client.ray_client import EssentialClient
+    from essential.actors.dev.mongodb import free_port
     from essential.actors.http.api import start_http, stop_http
     from essential.actors.settings import Settings
-    from essential.actors.dev.mongodb import free_port
 
     name = f"bench_rec_{mode}"
     token = secrets.token_urlsafe(16)
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from essential.actors.loopback import bind_ray_to_loopback
     from essential.actors.dev.mongodb import EmbeddedMongo
+    from essential.actors.loopback import bind_ray_to_loopback
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     load_start = list(os.getloadavg())

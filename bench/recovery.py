@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 async def measure(kills: int, interval: float, uri: str) -> list[float]:
     import ray
-    from essential.persistence.connection import new_client
 
     from essential.actors.client.ray_client import EssentialClient
     from essential.actors.settings import Settings
+    from essential.persistence.connection import new_client
     from essential.persistence.store import MongoSagaStore
 
     settings = Settings(
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from essential.actors.loopback import bind_ray_to_loopback
     from essential.actors.dev.mongodb import EmbeddedMongo
+    from essential.actors.loopback import bind_ray_to_loopback
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="essential-recovery-") as tmp, EmbeddedMongo(Path(tmp) / "db", log_dir=tmp) as mongo:

@@ -142,9 +142,8 @@ class CountingStore:
 async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: int, fold: bool = True) -> ModeResult:
     from pymongo import monitoring
 
-    from essential.persistence.connection import new_client
-
     from essential.orchestration import JobRegistry, SagaRunner, StartRequest, SystemClock, build_saga
+    from essential.persistence.connection import new_client
     from essential.persistence.store import MongoSagaStore
 
     class Commands(monitoring.CommandListener):
@@ -237,9 +236,9 @@ def naive_actor_class() -> Any:
 
 async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult:
     import ray
-    from essential.persistence.connection import new_client
 
     from essential.orchestration import JobRegistry, StartRequest, SystemClock, build_saga
+    from essential.persistence.connection import new_client
     from essential.persistence.store import MongoSagaStore
 
     actor_cls = naive_actor_class()
@@ -268,10 +267,9 @@ async def run_naive(uri: str, n: int, concurrency: int, seed: int) -> ModeResult
 
 
 async def run_essential(mode: str, uri: str, n: int, concurrency: int, warmup: int, seed: int, **conf: Any) -> ModeResult:
-    from essential.persistence.connection import new_client
-
     from essential.actors.client.ray_client import EssentialClient, stop_deployment
     from essential.actors.settings import Settings
+    from essential.persistence.connection import new_client
     from essential.persistence.store import MongoSagaStore
 
     name = f"bench_{mode}_c{concurrency}"

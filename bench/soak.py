@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     _environment(home, args.placement, args.max_live)
 
     from essential.actors.dev.quiet import quiet_logger, quiet_ray
-    from essential.actors.settings import Settings, get_settings
     from essential.actors.dev.stack import LocalStack
+    from essential.actors.settings import Settings, get_settings
 
     quiet_ray(home / "logs" / "driver.log")  # Ray's own chatter, not the soak's output
     quiet_logger("aiokafka")  # the producer's complaints while the broker is down, likewise
@@ -127,9 +127,9 @@ async def _soak(settings: Any, stack: Any, args: argparse.Namespace, seed: int, 
 
     from essential.actors.client.ray_client import EssentialClient
     from essential.actors.kafka.gateway import ensure_gateway
-    from examples import data
     from essential.orchestration.registry import JobRegistry
     from essential.persistence.connection import close_shared_clients, new_client
+    from examples import data
 
     from . import soak_audit, soak_events, soak_evidence, soak_report
     from .soak_chaos import Chaos, plan_kills

@@ -24,12 +24,12 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from essential.actors.dev.demo import Planned, expected_change
-from examples.services.db import collection
 from essential.orchestration import Saga, Stage
 from essential.orchestration.compensation import is_deferred
 from essential.orchestration.registry import JobRegistry
 from essential.orchestration.states import Action, SagaState, StageStatus
 from essential.persistence.documents import saga_from_doc, stage_from_doc
+from examples.services.db import collection
 
 from .soak_plan import PlannedSaga
 

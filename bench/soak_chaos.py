@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from essential.actors.dev.kafka_broker import EmbeddedKafka
-from essential.actors.dev.stack import LocalStack
 from essential.actors.dev.mongodb import EmbeddedMongo, boot_id, pid_alive, process_start_time
+from essential.actors.dev.stack import LocalStack
 
 #: kinds of kills, in the order the report lists them
 KINDS = ("saga", "host", "supervisor", "gateway", "mongodb", "kafka")

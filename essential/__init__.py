@@ -68,8 +68,20 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from essential.orchestration.clock import Clock, ManualClock, SystemClock
     from essential.orchestration.dsl import NO_RETRY, CompensateFn, Job, Lock, RetryPolicy, Step, StepContext, StepFn
     from essential.orchestration.errors import (
-        EssentialError, IdempotencyKeyReused, IllegalTransition, InvalidPayload, InvalidRequest, JobModuleMissing,
-        JobVersionMissing, LeaseLost, LockBusy, RetryLater, SagaNotFound, StepFailed, StepTimeout, UnknownJob,
+        EssentialError,
+        IdempotencyKeyReused,
+        IllegalTransition,
+        InvalidPayload,
+        InvalidRequest,
+        JobModuleMissing,
+        JobVersionMissing,
+        LeaseLost,
+        LockBusy,
+        RetryLater,
+        SagaNotFound,
+        StepFailed,
+        StepTimeout,
+        UnknownJob,
     )  # fmt: skip
     from essential.orchestration.models import Event, Saga, Signal, Stage
     from essential.orchestration.states import Action, EventType, SagaState, StageStatus

@@ -39,11 +39,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Generic, Literal, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from essential.orchestration.errors import InvalidPayload
+from essential.orchestration.errors import InvalidPayload, field_problems
 from essential.orchestration.states import Action
 
 P = TypeVar("P", bound=BaseModel)
@@ -176,6 +176,14 @@ async def _handled_by_runner(ctx: StepContext[Any]) -> Any:
 
 @dataclass
 class Step:
+    """A plain step: runs ``run`` (with retries, a timeout and the TTL) and is undone by ``compensate``.
+
+    The other kinds (:class:`WaitStep`, :class:`SleepStep`, :class:`ChildStep`) add what
+    only they need; the runner has one handler per kind.
+    """
+
+    kind: ClassVar[StepKind] = "task"
+
     name: str
     bucket: str
     action: Action
@@ -185,22 +193,16 @@ class Step:
     timeout: float = 30.0
     when: Predicate | None = None
     compensation_retry: RetryPolicy = COMPENSATION_RETRY
-    kind: StepKind = "task"
     #: parallel group the step belongs to (consecutive steps of one group run concurrently)
     group: str | None = None
     lock: Lock | None = None
     #: seconds a waiting step keeps its actor before the saga is checkpointed ``waiting`` (None: the runner's default)
     linger: float | None = None
-    # wait_for
-    signal: str | None = None
-    wait_timeout: Duration | None = None
-    on_timeout: Literal["fail", "continue"] = "fail"
-    # sleep
-    duration: Duration | None = None
-    # child
-    child_job: str | None = None
-    child_payload: Callable[[StepContext[Any]], dict[str, Any]] | None = None
-    child_ttl: float | None = None
+
+    @property
+    def waits(self) -> bool:
+        """Whether the step may leave its stage open while the saga waits (a signal, a timer, a child)."""
+        return self.kind != "task"
 
     def compensation(self, fn: CompensateFn) -> CompensateFn:
         """Decorator: register the step's compensation (receives ctx and the step's result)."""
@@ -218,6 +220,37 @@ class Step:
             raise ValueError(f"step {self.name} does not wait for a signal")
         self.run = fn
         return fn
+
+
+@dataclass
+class WaitStep(Step):
+    """``job.wait_for``: waits for a named signal, then runs its handler."""
+
+    kind: ClassVar[StepKind] = "wait"
+
+    signal: str = ""
+    wait_timeout: Duration | None = None
+    on_timeout: Literal["fail", "continue"] = "fail"
+
+
+@dataclass
+class SleepStep(Step):
+    """``job.sleep``: a durable timer."""
+
+    kind: ClassVar[StepKind] = "sleep"
+
+    duration: Duration = 0.0
+
+
+@dataclass
+class ChildStep(Step):
+    """``job.child``: starts another job as a child saga and waits for it to end."""
+
+    kind: ClassVar[StepKind] = "child"
+
+    child_job: str = ""
+    child_payload: Callable[[StepContext[Any]], dict[str, Any]] | None = None
+    child_ttl: float | None = None
 
 
 class Job(Generic[P]):
@@ -317,9 +350,9 @@ class Job(Generic[P]):
             raise ValueError("on_timeout must be 'fail' or 'continue'")
         if not signal:
             raise ValueError("wait_for needs a signal name")
-        return self._add(Step(
+        return self._add(WaitStep(
             name=name or signal.replace(".", "_"), bucket=bucket, action=Action.WAIT, run=_signal_payload,
-            retry=retry or NO_RETRY, timeout=handler_timeout, when=when, kind="wait", linger=linger,
+            retry=retry or NO_RETRY, timeout=handler_timeout, when=when, linger=linger,
             signal=signal, wait_timeout=timeout, on_timeout=on_timeout,
         ))  # fmt: skip
 
@@ -345,9 +378,9 @@ class Job(Generic[P]):
             duration = float(seconds) + 60 * minutes + 3600 * hours + 86400 * days
             if duration <= 0:
                 raise ValueError("sleep needs a positive delay")
-        return self._add(Step(
+        return self._add(SleepStep(
             name=name, bucket=TIMERS_BUCKET, action=Action.WAIT, run=_handled_by_runner, retry=NO_RETRY,
-            when=when, kind="sleep", linger=linger, duration=duration,
+            when=when, linger=linger, duration=duration,
         ))  # fmt: skip
 
     def child(
@@ -373,9 +406,9 @@ class Job(Generic[P]):
         completion is provisional until its parent ends); a compensation waits up
         to ``compensation_timeout`` seconds per attempt for the child to end aborted.
         """
-        return self._add(Step(
+        return self._add(ChildStep(
             name=name, bucket=SAGAS_BUCKET, action=Action.CREATE, run=_handled_by_runner,
-            retry=NO_RETRY, timeout=compensation_timeout, when=when, kind="child", linger=linger,
+            retry=NO_RETRY, timeout=compensation_timeout, when=when, linger=linger,
             child_job=job, child_payload=payload, child_ttl=ttl,
         ))  # fmt: skip
 
@@ -414,8 +447,5 @@ class Job(Generic[P]):
         try:
             return self.payload_model.model_validate(payload)
         except ValidationError as exc:
-            problems = [
-                f"{'.'.join(str(p) for p in err['loc']) or '<payload>'}: {err['msg']}"
-                for err in exc.errors()
-            ]
+            problems = [f"{field}: {reason}" for field, reason in field_problems(exc, "<payload>")]
             raise InvalidPayload(self.name, problems) from None

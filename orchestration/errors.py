@@ -182,6 +182,20 @@ class StoreUnavailable(EssentialError):
     """MongoDB did not answer within the outage budget: Essential really cannot answer now."""
 
 
+def field_problems(exc: Any, root: str = "<request>", limit: int | None = None) -> list[tuple[str, str]]:
+    """A pydantic ``ValidationError`` as ``(field, reason)`` pairs; a problem of the whole value names ``root``.
+
+    Every boundary (start and signal requests, payloads, Kafka commands, HTTP bodies)
+    reports bad input the same way: the dotted path of each bad field and why.
+    """
+    return [(".".join(str(p) for p in err["loc"]) or root, err["msg"]) for err in exc.errors()[:limit]]
+
+
+def invalid(what: str, exc: Any) -> InvalidRequest:
+    """A pydantic ``ValidationError`` of a request as the :class:`InvalidRequest` that names each bad field."""
+    return InvalidRequest(f"invalid {what}: " + "; ".join(f"{field}: {reason}" for field, reason in field_problems(exc)))
+
+
 def rebuild_error(type_name: str, message: str) -> EssentialError:
     """Recreate a typed error sent across a process boundary (Ray, Kafka, HTTP) by name."""
     cls: type[EssentialError] = _BY_NAME.get(type_name, EssentialError)

@@ -120,3 +120,16 @@ class Event(BaseModel):
     correlation_id: str | None = None
     traceparent: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, saga: "Saga", type_: EventType, *, at: datetime, state: SagaState | None = None, **data: Any) -> "Event":
+        """The event ``type_`` of ``saga`` (in ``state``, else its own), carrying its correlation and trace.
+
+        Every writer builds its events here, so each one names the saga the same way
+        whoever wrote it; ``data`` entries that are None are left out.
+        """
+        return cls(
+            type=type_, saga=saga.id, job=saga.job, state=state or saga.state, at=at,
+            correlation_id=saga.correlation_id, traceparent=saga.traceparent,
+            data={k: v for k, v in data.items() if v is not None},
+        )  # fmt: skip

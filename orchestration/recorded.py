@@ -35,7 +35,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from essential.orchestration import storable
 from essential.orchestration.clock import Clock
-from essential.orchestration.errors import IdempotencyKeyReused, IllegalTransition, InvalidField
+from essential.orchestration.errors import IdempotencyKeyReused, IllegalTransition, InvalidField, field_problems
 from essential.orchestration.models import Event, Saga
 from essential.orchestration.states import Action, EventType, SagaState
 
@@ -83,7 +83,7 @@ def key_reused(key: str, saga_id: str, differs: Sequence[str]) -> IdempotencyKey
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    return [(".".join(str(p) for p in err["loc"]) or "<body>", err["msg"]) for err in exc.errors()]
+    return field_problems(exc, "<body>")
 
 
 def _parse(model: type[BaseModel], data: Any) -> Any:
@@ -503,11 +503,7 @@ def build_recorded(request: StartRecorded, clock: Clock, *, default_job: str = D
         traceparent=request.traceparent,
         **fields,
     )
-    event = Event(
-        type=EventType.STARTED, saga=saga.id, job=saga.job, state=saga.state, at=now,
-        correlation_id=saga.correlation_id, traceparent=saga.traceparent,
-        data={"kind": RECORDED, "ttl": saga.ttl},
-    )  # fmt: skip
+    event = Event.of(saga, EventType.STARTED, at=now, kind=RECORDED, ttl=saga.ttl)
     return saga, event
 
 

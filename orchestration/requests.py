@@ -7,11 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 
 from essential.orchestration import storable
 from essential.orchestration.clock import Clock
-from essential.orchestration.errors import InvalidRequest
+from essential.orchestration.errors import invalid
 from essential.orchestration.models import Event, Saga
 from essential.orchestration.registry import JobRegistry
 from essential.orchestration.states import EventType, SagaState
-
 
 #: the longest time-to-live a saga may ask for (ten years): past it, deadlines leave the calendar
 MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
@@ -46,10 +45,7 @@ class StartRequest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = [
-                f"{'.'.join(str(p) for p in err['loc']) or '<request>'}: {err['msg']}" for err in exc.errors()
-            ]
-            raise InvalidRequest("invalid start request: " + "; ".join(problems)) from None
+            raise invalid("start request", exc) from None
 
 
 def same_request(saga: Saga, request: Saga) -> bool:
@@ -86,14 +82,5 @@ def build_saga(request: StartRequest, registry: JobRegistry, clock: Clock) -> tu
         correlation_id=request.correlation_id,
         traceparent=request.traceparent,
     )
-    event = Event(
-        type=EventType.STARTED,
-        saga=saga.id,
-        job=saga.job,
-        state=saga.state,
-        at=now,
-        correlation_id=saga.correlation_id,
-        traceparent=saga.traceparent,
-        data={"version": saga.version, "ttl": saga.ttl},
-    )
+    event = Event.of(saga, EventType.STARTED, at=now, version=saga.version, ttl=saga.ttl)
     return saga, event

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from essential.orchestration import storable
-from essential.orchestration.errors import InvalidRequest
+from essential.orchestration.errors import invalid
 
 #: a signal's payload is JSON of at most this many bytes
 MAX_SIGNAL_BYTES = 256 * 1024
@@ -52,7 +52,4 @@ class SignalRequest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = [
-                f"{'.'.join(str(p) for p in err['loc']) or '<request>'}: {err['msg']}" for err in exc.errors()
-            ]
-            raise InvalidRequest("invalid signal: " + "; ".join(problems)) from None
+            raise invalid("signal", exc) from None

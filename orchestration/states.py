@@ -34,13 +34,24 @@ class SagaState(StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """Completed or aborted: final, nothing will ever change it."""
         return self in TERMINAL_STATES
+
+    @property
+    def ended(self) -> bool:
+        """No longer driven by anything: terminal, or parked until an operator acts (what callers wait for)."""
+        return self in ENDED_STATES
 
 
 TERMINAL_STATES = frozenset({SagaState.COMPLETED, SagaState.ABORTED})
+#: the saga will not move until an operator resumes or aborts it; with the terminal states, what "ended" means
+ENDED_STATES = TERMINAL_STATES | {SagaState.PARKED}
 LIVE_STATES = frozenset(
     {SagaState.PENDING, SagaState.RUNNING, SagaState.WAITING, SagaState.COMPENSATING, SagaState.COMMITTING}
 )
+#: driven by an actor or host task right now (a waiting saga holds none; a pending one is about to)
+ACTIVE_STATES = frozenset({SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING})
+HOLDING_AN_ACTOR = ACTIVE_STATES | {SagaState.PENDING}
 
 
 class StageStatus(StrEnum):

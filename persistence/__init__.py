@@ -1,1 +1,1 @@
-"""MongoDB: the saga store, its indexes and transactions; the embedded dev server launcher."""
+"""MongoDB: the saga store, its indexes and transactions, the outbox, inbox and command log, the operators' views."""

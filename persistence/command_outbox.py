@@ -30,7 +30,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from essential.orchestration.errors import CommandNotQueued
-
 from essential.persistence.documents import oid
 from essential.persistence.outbox import utcnow
 

@@ -11,6 +11,7 @@ from typing import Any
 from bson import ObjectId
 
 from essential.orchestration.models import Event, Saga, Signal, Stage
+from essential.orchestration.states import SagaState
 
 
 def plain(value: Any) -> Any:
@@ -88,3 +89,13 @@ def event_to_doc(event: Event, n: int) -> dict[str, Any]:
         "createdAt": event.at,
         "sent_at": None,
     }
+
+
+def state_and_job(state: SagaState | str | None, job: str | None) -> dict[str, Any]:
+    """The sagas filter of a listing: by state (checked against the lifecycle's names) and job, if given."""
+    query: dict[str, Any] = {}
+    if state is not None:
+        query["state"] = SagaState(state).value
+    if job is not None:
+        query["job"] = job
+    return query

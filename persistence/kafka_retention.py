@@ -19,7 +19,6 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from essential.orchestration.states import TERMINAL_STATES
-
 from essential.persistence.command_outbox import COUNTERS
 from essential.persistence.inbox import INBOX
 

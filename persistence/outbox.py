@@ -83,10 +83,6 @@ class OutboxQueue:
             {"_id": self.collection.name, "owner": self.owner}, {"$set": {"until": utcnow()}}
         )
 
-    async def lease_holder(self) -> str | None:
-        doc = await self.leases.find_one({"_id": self.collection.name})
-        return doc["owner"] if doc and doc["until"].replace(tzinfo=timezone.utc) > utcnow() else None
-
     # -- rows ------------------------------------------------------------------------------------
     async def next_batch(self, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` unsent rows in publication order (rows Kafka refused for good excepted)."""

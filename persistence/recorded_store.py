@@ -30,11 +30,9 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from essential.orchestration.errors import SagaNotFound
 from essential.orchestration.models import Event, Saga
 from essential.orchestration.recorded import RECORDED, BucketRoute, Inverse
-
-from essential.persistence.documents import event_to_doc, oid, saga_from_doc, saga_to_doc
+from essential.persistence.documents import oid, saga_from_doc, saga_to_doc
 from essential.persistence.inverse import apply_inverse
 from essential.persistence.store import MongoSagaStore, resilient
 
@@ -100,16 +98,7 @@ class RecordedStore:
 
     # -- transactions ------------------------------------------------------------------------
     async def _txn(self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]]) -> Any:
-        """One transaction, on the saga's own session when this process holds its lease."""
-
-        async def once() -> Any:
-            session = getattr(self.store, "_sessions", {}).get(saga_id)
-            if session is not None and not session.in_transaction:
-                return await session.with_transaction(body)
-            async with self.client.start_session() as fresh:
-                return await fresh.with_transaction(body)
-
-        return await resilient(once, f"checkpoint of recorded saga {saga_id}")
+        return await self.store.in_transaction(saga_id, body, "checkpoint of recorded saga")
 
     # -- sagas -------------------------------------------------------------------------------
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool, str | None]:
@@ -122,18 +111,8 @@ class RecordedStore:
         """
         doc = saga_to_doc(saga)
         doc["kind"] = RECORDED
-        doc["events"] = 1
-
-        async def body(session: AsyncClientSession) -> None:
-            await self.sagas.insert_one(dict(doc), session=session)
-            await self.outbox.insert_one(event_to_doc(event, 1), session=session)
-
-        async def once() -> None:
-            async with self.client.start_session() as session:
-                await session.with_transaction(body)
-
         try:
-            await resilient(once, "create recorded saga", budget=30.0, duplicate_is_success=False)
+            await self.store.insert_started(doc, event, "create recorded saga")
         except DuplicateKeyError:
             for _ in range(5):  # the colliding saga's transaction may not be visible yet
                 existing = await self.sagas.find_one({"_id": doc["_id"]})
@@ -150,14 +129,7 @@ class RecordedStore:
         return saga, True, RECORDED
 
     async def doc(self, saga_id: str) -> dict[str, Any]:
-        try:
-            key = oid(saga_id)
-        except Exception:
-            raise SagaNotFound(str(saga_id)) from None
-        doc = await resilient(lambda: self.sagas.find_one({"_id": key}), "read saga")
-        if doc is None:
-            raise SagaNotFound(saga_id)
-        return doc
+        return await self.store.saga_doc(saga_id)
 
     async def collection_names(self, database: str) -> list[str]:
         """The collections of a service's database (to tell one that holds an Essential deployment)."""

@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from collections.abc import Sequence
 from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 from bson import ObjectId
@@ -35,10 +35,10 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from essential.orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
+from essential.orchestration.lifecycle import check_transition, resumed_state
 from essential.orchestration.models import Event, Saga, Signal, Stage
 from essential.orchestration.ports import Carried
-from essential.orchestration.states import LIVE_STATES, TERMINAL_STATES, SagaState
-
+from essential.orchestration.states import ENDED_STATES, LIVE_STATES, TERMINAL_STATES, SagaState
 from essential.persistence.documents import (
     event_to_doc,
     oid,
@@ -49,9 +49,9 @@ from essential.persistence.documents import (
     signal_to_doc,
     stage_from_doc,
     stage_to_doc,
+    state_and_job,
 )
 from essential.persistence.indexes import ensure_indexes
-
 
 log = logging.getLogger("essential.store")
 T = TypeVar("T")
@@ -174,7 +174,11 @@ class MongoSagaStore:
         await resilient(lambda: ensure_indexes(self.db), "create indexes")
 
     # -- transactions --------------------------------------------------------------
-    async def _in_transaction(self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]]) -> Any:
+    async def in_transaction(
+        self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]], what: str = "checkpoint of saga"
+    ) -> Any:
+        """One transaction, on the saga's own session when this process holds its lease (the recorded store too)."""
+
         async def once() -> Any:
             session = self._sessions.get(saga_id)
             if session is not None and not session.in_transaction:
@@ -182,7 +186,7 @@ class MongoSagaStore:
             async with self.client.start_session() as fresh:
                 return await fresh.with_transaction(body)
 
-        return await resilient(once, f"checkpoint of saga {saga_id}")
+        return await resilient(once, f"{what} {saga_id}")
 
     async def fenced_update(
         self,
@@ -261,20 +265,25 @@ class MongoSagaStore:
         return known.as_doc()
 
     # -- SagaStore ---------------------------------------------------------------------
-    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
-        doc = saga_to_doc(saga)
+    async def insert_started(self, doc: dict[str, Any], event: Event, what: str = "create saga") -> None:
+        """Insert a new saga's document with its ``saga.started`` event, one transaction
+        (DuplicateKeyError: the id or idempotency key is taken; the caller decides whose it is)."""
         doc["events"] = 1
 
         async def body(session: AsyncClientSession) -> None:
-            await self.sagas.insert_one(doc, session=session)
+            await self.sagas.insert_one(dict(doc), session=session)
             await self.outbox.insert_one(event_to_doc(event, 1), session=session)
 
         async def once() -> None:
             async with self.client.start_session() as session:
                 await session.with_transaction(body)
 
+        await resilient(once, what, budget=30.0, duplicate_is_success=False)
+
+    async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
+        doc = saga_to_doc(saga)
         try:
-            await resilient(once, "create saga", budget=30.0, duplicate_is_success=False)
+            await self.insert_started(doc, event)
             return saga, True
         except DuplicateKeyError:
             pass  # this id or this idempotency key is stored already: whose row it is decides
@@ -291,6 +300,10 @@ class MongoSagaStore:
         return saga_from_doc(existing), False
 
     async def get(self, saga_id: str) -> Saga:
+        return saga_from_doc(await self.saga_doc(saga_id))
+
+    async def saga_doc(self, saga_id: str) -> dict[str, Any]:
+        """The stored document of a saga (SagaNotFound for an unknown or malformed id)."""
         try:
             key = oid(saga_id)
         except Exception:
@@ -298,7 +311,7 @@ class MongoSagaStore:
         doc = await resilient(lambda: self.sagas.find_one({"_id": key}), "read saga")
         if doc is None:
             raise SagaNotFound(saga_id)
-        return saga_from_doc(doc)
+        return doc
 
     async def stages(self, saga_id: str) -> list[Stage]:
         async def read() -> list[Stage]:
@@ -419,7 +432,7 @@ class MongoSagaStore:
 
         for _ in range(5):
             try:
-                return await self._in_transaction(saga_id, body)
+                return await self.in_transaction(saga_id, body)
             except _LockRace:
                 continue  # a concurrent taker committed first: the next read sees who holds it
         bucket, key = locks[0]
@@ -444,7 +457,7 @@ class MongoSagaStore:
             await self.stages_col.insert_many([dict(d) for d in docs], session=session)
             return doc.get("abort_requested")
 
-        return await self._in_transaction(saga_id, body)
+        return await self.in_transaction(saga_id, body)
 
     async def record_result(
         self,
@@ -465,7 +478,7 @@ class MongoSagaStore:
             )
             return doc.get("abort_requested")
 
-        return await self._in_transaction(saga_id, body)
+        return await self.in_transaction(saga_id, body)
 
     async def transition(
         self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, carried: Sequence[Carried] = ()
@@ -482,7 +495,7 @@ class MongoSagaStore:
                 await self._release_and_wake(session, saga_id, doc)
             return doc.get("abort_requested")
 
-        flag = await self._in_transaction(saga_id, body)
+        flag = await self.in_transaction(saga_id, body)
         if terminal:
             await self.release(saga_id)
         return flag
@@ -610,9 +623,6 @@ class MongoSagaStore:
             chain.extend(sorted(frontier))
         return None
 
-    async def locks_of(self, saga_id: str) -> list[dict[str, Any]]:
-        return [d async for d in self.locks.find({"saga": oid(saga_id)})]
-
     # -- waking waiting sagas ----------------------------------------------------------
     async def wake(self, saga_id: str, waiting_for: str | None = None) -> bool:
         query: dict[str, Any] = {"_id": oid(saga_id), "state": SagaState.WAITING.value}
@@ -719,6 +729,7 @@ class MongoSagaStore:
     async def reopen_for_compensation(self, saga_id: str, reason: str) -> Saga:
         """A completed child whose parent compensates goes back to ``compensating`` (no actor:
         the supervisor restores it like any saga whose actor is gone)."""
+        check_transition(SagaState.COMPLETED, SagaState.COMPENSATING)
         await resilient(
             lambda: self.sagas.update_one(
                 {"_id": oid(saga_id), "state": SagaState.COMPLETED.value, "parent": {"$ne": None}},
@@ -757,16 +768,8 @@ class MongoSagaStore:
         job: str | None = None,
         limit: int = 50,
     ) -> list[Saga]:
-        query: dict[str, Any] = {}
-        if state is not None:
-            query["state"] = SagaState(state).value
-        if job is not None:
-            query["job"] = job
-        cursor = self.sagas.find(query).sort("createdAt", DESCENDING).limit(limit)
+        cursor = self.sagas.find(state_and_job(state, job)).sort("createdAt", DESCENDING).limit(limit)
         return await self._readable(cursor)
-
-    async def count_by_state(self, states: list[SagaState]) -> int:
-        return await self.sagas.count_documents({"state": {"$in": [s.value for s in states]}})
 
     async def outbox_for(self, saga_id: str) -> list[dict[str, Any]]:
         cursor = self.outbox.find({"saga": ObjectId(saga_id)}).sort("n", ASCENDING)
@@ -799,9 +802,7 @@ class MongoSagaStore:
             if abort_reason is None:
                 raise IllegalTransition(f"saga {saga_id} is {saga.state.value}, not parked; nothing to resume")
             return saga
-        back = saga.parked_from or SagaState.RUNNING
-        if back == SagaState.PENDING:
-            back = SagaState.RUNNING
+        back = resumed_state(saga)
         fields: dict[str, Any] = {
             "state": back.value, "parked_reason": None, "parked_from": None, "restore_attempts": 0,
         }
@@ -848,7 +849,7 @@ class MongoSagaStore:
 
     async def ended(self, saga_ids: list[str]) -> dict[str, Saga]:
         """Of these sagas, the ones that are terminal or parked (what a waiting caller waits for)."""
-        done = [state.value for state in (*TERMINAL_STATES, SagaState.PARKED)]
+        done = [state.value for state in ENDED_STATES]
         cursor = self.sagas.find({"_id": {"$in": [oid(i) for i in saga_ids]}, "state": {"$in": done}})
         return {saga.id: saga for saga in await self._readable(cursor)}
 

@@ -17,8 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from essential.orchestration.errors import SagaNotFound
 from essential.orchestration.models import Saga, Stage
 from essential.orchestration.states import Action, SagaState
-
-from essential.persistence.documents import oid, saga_from_doc, stage_from_doc
+from essential.persistence.documents import oid, saga_from_doc, stage_from_doc, state_and_job
 
 ACTIVE = [SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.COMMITTING.value]
 ENDED = [SagaState.COMPLETED.value, SagaState.ABORTED.value, SagaState.PARKED.value]
@@ -82,11 +81,7 @@ class SagaViews:
         limit: int = 20,
     ) -> list[Saga]:
         """Newest first; ``since`` keeps sagas created at or after it."""
-        query: dict[str, Any] = {}
-        if state is not None:
-            query["state"] = SagaState(state).value
-        if job is not None:
-            query["job"] = job
+        query = state_and_job(state, job)
         if since is not None:
             query["createdAt"] = {"$gte": since}
         cursor = self.sagas.find(query).sort("createdAt", DESCENDING).limit(max(limit, 0))

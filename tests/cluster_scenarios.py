@@ -130,8 +130,8 @@ def auth_mode() -> str:
 
 def start_cluster(head_args: dict[str, Any], workers: int) -> tuple[Any, list[Any]]:
     """A head and ``workers`` worker nodes, each a full raylet of its own, all on 127.0.0.1."""
-    from essential.actors.loopback import bind_ray_to_loopback
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.loopback import bind_ray_to_loopback
 
     bind_ray_to_loopback()
     from ray.cluster_utils import Cluster

@@ -70,8 +70,8 @@ def init_ray() -> None:
     """A local Ray whose every process listens on and advertises 127.0.0.1 only."""
     import ray
 
-    from essential.actors.loopback import bind_ray_to_loopback
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.loopback import bind_ray_to_loopback
 
     bind_ray_to_loopback()
     ray.init(

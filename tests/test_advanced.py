@@ -1,4 +1,4 @@
-"""Issue 9: parallel groups, signals, durable timers, child sagas, bucket locks, time travel.
+"""Parallel groups, signals, durable timers, child sagas, bucket locks, time travel.
 
 Each capability runs on real Ray actors and the real MongoDB store, including a
 crash (SIGKILL of the actor) in the middle of it.  The time-travel tests run

@@ -1,4 +1,4 @@
-"""Issue 9 in the example jobs: parallel booking, wallet locks, durable retries, identity review, child shipment.
+"""Parallel booking, wallet locks, durable retries, identity review, child shipment.
 
 The real runner drives the example jobs in this process against the real dev
 MongoDB and the example services (prefix ``tadv_``); signals are delivered
@@ -13,8 +13,6 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from examples import data
-from examples.services import db, identity, logistics, notifications, wallet
 from essential.orchestration import (
     JobRegistry,
     ManualClock,
@@ -27,6 +25,8 @@ from essential.orchestration import (
 from essential.orchestration.clock import Clock
 from essential.orchestration.models import Saga, Stage
 from essential.orchestration.states import Action, StageStatus
+from examples import data
+from examples.services import db, identity, logistics, notifications, wallet
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,4 +1,4 @@
-"""Issue 9 over HTTP: ``POST /essential/sagas/{id}/signal`` delivers a signal to a waiting saga."""
+"""``POST /essential/sagas/{id}/signal`` delivers a signal to a waiting saga."""
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.asyncio
 def http_api(ray_session: Any, client: Any, settings: Any) -> Iterator[tuple[str, str]]:
     from ray import serve
 
-    from essential.actors.http.api import start_http
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.http.api import start_http
 
     token = secrets.token_urlsafe(24)
     base = start_http(settings.model_copy(update={"http_port": free_port()}), token=token)

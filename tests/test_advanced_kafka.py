@@ -1,4 +1,4 @@
-"""Issue 9 over Kafka: a ``signal`` command delivers a signal to a waiting saga (deduplicated by key)."""
+"""A ``signal`` command delivers a signal to a waiting saga (deduplicated by key)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from essential.actors.kafka.gateway import ensure_gateway
 from essential.actors.kafka.commands import Rejection, SignalCommand, parse_command
+from essential.actors.kafka.gateway import ensure_gateway
 from essential.orchestration import SagaState
 
 from .conftest import poll

@@ -1,4 +1,4 @@
-"""Issue 7: one checkpoint transaction per step (results folded into the next write-ahead),
+"""One checkpoint transaction per step (results folded into the next write-ahead),
 with the durability contract unchanged: a step's result is durable before the next step runs.
 
 The runner runs in this process against the real dev MongoDB; a command listener

@@ -1,4 +1,4 @@
-"""Issue 8 acceptance: beyond one machine.
+"""Beyond one machine.
 
 ``cluster.yaml`` against Ray's own schema; a three-node cluster that loses a
 worker node mid-batch; a Ray Client that disconnects mid-batch and comes back;

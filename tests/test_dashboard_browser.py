@@ -1,4 +1,4 @@
-"""Issue 6 acceptance, in a real browser: the Ray dashboard's actors page shows a running saga's actor.
+"""The Ray dashboard's actors page shows a running saga's actor.
 
 Headless Chromium (Debian's ``chromium``, installed here when missing) loads
 the dashboard, logs in with the cluster's token the way the dashboard's own

@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pymongo import AsyncMongoClient
 
 from essential.actors.dev.kafka_broker import EmbeddedKafka
-from essential.actors.kafka.topics import ensure_topics
 from essential.actors.dev.mongodb import EmbeddedMongo, ServerStartError, pid_alive
+from essential.actors.kafka.topics import ensure_topics
 
 
 @pytest.fixture

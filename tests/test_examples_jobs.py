@@ -13,9 +13,6 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from examples import data
-from examples.services import db, identity, inventory, logistics, notifications, orders, wallet
-from examples.services.ledger import AlreadyCompensated
 from essential.orchestration import (
     InvalidPayload,
     JobRegistry,
@@ -30,6 +27,9 @@ from essential.orchestration import (
 )
 from essential.orchestration.models import Saga, Stage
 from essential.orchestration.states import Action
+from examples import data
+from examples.services import db, identity, inventory, logistics, notifications, orders, wallet
+from examples.services.ledger import AlreadyCompensated
 
 from .conftest import poll
 

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: the Kafka gateway against the embedded broker, real Ray and MongoDB.
+"""The Kafka gateway against the embedded broker, real Ray and MongoDB.
 
 Commands in (applied once, bad ones dead-lettered), the outbox relayed out in
 per-saga order (through a broker restart and a gateway crash), and steps
@@ -28,9 +28,9 @@ from essential.actors.names import actor_name
 from essential.orchestration import SagaState
 from essential.orchestration.states import Action, StageStatus
 
-from .kafka_tools import Tap, stop_gateway
 from .conftest import JOBS_DB, REPO, TEST_DB, poll
 from .jobs import MANUAL_TOPIC, PAYMENTS_TOPIC
+from .kafka_tools import Tap, stop_gateway
 
 pytestmark = pytest.mark.asyncio
 

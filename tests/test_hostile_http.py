@@ -74,8 +74,8 @@ async def hostile(deployment: Any, mongo: Any) -> AsyncIterator[tuple[Any, Any]]
 def api(hostile: tuple[Any, Any]) -> Iterator[Api]:
     from ray import serve
 
-    from essential.actors.http.api import start_http
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.http.api import start_http
 
     client, store = hostile
     token = secrets.token_urlsafe(24)

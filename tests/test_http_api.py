@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: the recorded-saga HTTP API served by Ray Serve, driven by an ordinary HTTP client.
+"""The recorded-saga HTTP API served by Ray Serve, driven by an ordinary HTTP client.
 
 The platform's routes on 127.0.0.1: start → add → commit and start → add → abort
 (the data restored exactly), bearer-token authentication, 400 naming the
@@ -33,8 +33,8 @@ def http_api(ray_session: Any, client: Any, settings: Any) -> Iterator[tuple[str
     """Ray Serve on a free 127.0.0.1 port with the API deployed; yields (base address, token)."""
     from ray import serve
 
-    from essential.actors.http.api import start_http
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.http.api import start_http
 
     token = secrets.token_urlsafe(24)
     conf = settings.model_copy(update={"http_port": free_port(), "http_max_body_bytes": MAX_BODY})

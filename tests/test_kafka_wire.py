@@ -7,8 +7,8 @@ import pytest
 
 from essential.actors.kafka.commands import AbortCommand, Rejection, StartCommand, parse_command
 from essential.actors.kafka.config import bootstrap_is_loopback, producer_kwargs, use_idempotence, watch_restarts
-from essential.actors.kafka.relay import encode, plan_waves, traceparent_for
 from essential.actors.kafka.participant_protocol import ParticipantCommand, ParticipantReply
+from essential.actors.kafka.relay import encode, plan_waves, traceparent_for
 from essential.actors.settings import Settings
 
 SAGA = "0123456789abcdef01234567"

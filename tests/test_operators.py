@@ -1,4 +1,4 @@
-"""Issue 6 acceptance: the operators' window - dashboard actors, metrics, CLI views, logs and traces.
+"""The operators' window - dashboard actors, metrics, CLI views, logs and traces.
 
 Runs its own deployment (namespace and database ``essential_ops``, with a
 gateway on topics of its own) and a job per test (``tests/ops_jobs.py``), so
@@ -32,7 +32,6 @@ from essential.orchestration import SagaState
 from essential.orchestration.states import Action
 
 from .conftest import JOBS_DB, REPO, poll
-
 
 NS = "essential_ops"
 JOB_MODULES = ["examples.jobs", "tests.jobs", "tests.ops_jobs"]

@@ -1,4 +1,4 @@
-"""Issue 7: pooled placement gives each live saga an actor of its own, from a warm pool that is reused."""
+"""Pooled placement gives each live saga an actor of its own, from a warm pool that is reused."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: recorded sagas (start / add / commit / abort) with automatic inverse compensation.
+"""Recorded sagas (start / add / commit / abort) with automatic inverse compensation.
 
 A simulated service does real writes across two databases and reports each one
 as a stage, the way the platform's services do; Essential undoes them on abort,
@@ -23,6 +23,7 @@ from pymongo import ReturnDocument
 
 from essential.actors.client.recorded import RecordedClient
 from essential.orchestration import IllegalTransition, SagaNotFound, SagaState
+from essential.orchestration.errors import InvalidField
 from essential.orchestration.models import Saga, new_id
 from essential.orchestration.recorded import (
     AddStage,
@@ -34,7 +35,6 @@ from essential.orchestration.recorded import (
     route_bucket,
     undo_plan,
 )
-from essential.orchestration.errors import InvalidField
 from essential.orchestration.states import Action
 
 from .conftest import poll
@@ -621,7 +621,7 @@ async def test_a_reused_recorded_key_or_id_with_other_parameters_is_refused(clie
 
 async def test_arrival_waits_leave_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """An operation for a saga whose runner never arrives must not leave its wait behind, per saga, forever."""
-    from essential.actors.sagas import recorded_runner as recorded
+    from essential.actors.sagas import recorded_hosting as recorded
 
     monkeypatch.setattr(recorded, "ARRIVAL_TIMEOUT", 0.01)
     before = len(recorded._arrived)

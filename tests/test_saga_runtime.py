@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: sagas run in Ray actors, checkpoint to MongoDB and compensate in reverse."""
+"""Sagas run in Ray actors, checkpoint to MongoDB and compensate in reverse."""
 from __future__ import annotations
 
 import asyncio

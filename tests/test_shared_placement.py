@@ -1,4 +1,4 @@
-"""Issue 7: shared placement runs many sagas per host actor with the same recovery guarantees."""
+"""Shared placement runs many sagas per host actor with the same recovery guarantees."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""Issue 3 acceptance: recovery proven by really killing actors, Ray and MongoDB."""
+"""Recovery proven by really killing actors, Ray and MongoDB."""
 from __future__ import annotations
 
 import asyncio

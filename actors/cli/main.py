@@ -23,12 +23,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from essential.orchestration import EssentialError, InvalidRequest, Saga
-
-from essential.actors.formatting import human_ms
 from essential.actors.dev.quiet import quiet_logger, quiet_ray
+from essential.actors.formatting import human_ms
 from essential.actors.settings import Settings, get_settings
 from essential.actors.stack_record import CorruptStackRecord, apply_stack_env, home_of, ray_token_source, read_record
+from essential.orchestration import EssentialError, InvalidRequest, Saga
+from essential.orchestration.states import ENDED_STATES
 
 # soft wrap: a line longer than the terminal (an address, an export line) stays one line to copy
 # a pipe gets wide tables (no column cut to 80 characters); a terminal, its own width
@@ -39,7 +39,7 @@ STATE_STYLE = {
     "pending": "cyan", "running": "blue", "waiting": "magenta", "compensating": "yellow", "committing": "blue",
     "completed": "green", "aborted": "red", "parked": "bold magenta",
 }  # fmt: skip
-ENDED = ("completed", "aborted", "parked")
+ENDED = sorted(s.value for s in ENDED_STATES)
 
 
 class NoDeployment(EssentialError):
@@ -217,7 +217,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _check_http_port(settings: Settings) -> None:
     """Before anything starts: the HTTP API's port must be free (the other servers' launchers check theirs)."""
     from essential.actors.dev.mongodb import port_in_use
-
     from essential.actors.dev.stack import StackError
 
     if port_in_use(settings.http_port, settings.http_host):
@@ -275,8 +274,11 @@ def _seed_examples(wanted: bool) -> str | None:
     """Create the example services' data once (what the README's first examples use); what to print about it."""
     if not wanted or "examples.jobs" not in get_settings().job_modules:
         return None
-    from examples.data import seed_demo_once
+    from essential.actors.dev.stack import examples_importable
     from essential.persistence.connection import close_shared_clients
+
+    examples_importable()
+    from examples.data import seed_demo_once
 
     async def seed() -> bool:
         try:

@@ -11,15 +11,13 @@ from typing import Any
 
 import ray
 
-from essential.orchestration import Saga, Stage
-from essential.orchestration.errors import raise_for_error
-
 from essential.actors.loopback import LOOPBACK, bind_ray_to_loopback
+from essential.actors.names import GATEWAY_NAME, SINK_NAME, SUPERVISOR_NAME, host_name
 from essential.actors.settings import Settings, get_settings
 from essential.actors.stack_record import apply_stack_env
-from essential.actors.names import GATEWAY_NAME, SINK_NAME, SUPERVISOR_NAME, host_name
 from essential.actors.tracing import current_traceparent
-
+from essential.orchestration import Saga, Stage
+from essential.orchestration.errors import raise_for_error
 
 CLIENT_SESSION_ATTEMPTS = 3  # ray:// connections whose session the server failed to start
 
@@ -215,7 +213,7 @@ class EssentialClient:
     def wait(self, saga_id: str, timeout: float = 120.0) -> Saga:
         """Block until the saga is completed, aborted or parked; raises TimeoutError otherwise."""
         saga = Saga.model_validate(raise_for_error(ray.get(self.supervisor.wait.remote(saga_id, timeout)))["saga"])
-        if not (saga.state.terminal or saga.state.value == "parked"):
+        if not saga.state.ended:
             raise TimeoutError(f"saga {saga_id} still {saga.state.value} after {timeout:g}s")
         return saga
 

@@ -10,7 +10,6 @@ from essential.orchestration.models import Saga
 from essential.orchestration.recorded import RECORDED
 
 
-
 class RecordedClient:
     """Recorded sagas from Python: ``EssentialClient().recorded``.
 

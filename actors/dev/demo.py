@@ -25,13 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from essential.orchestration import IllegalTransition, Saga, SagaState
-from essential.orchestration.states import Action
-
-from essential.actors.formatting import human_ms
 from essential.actors.dev.quiet import quiet_ray
-from essential.actors.stack_record import ray_token_source
+from essential.actors.dev.stack import examples_importable
+from essential.actors.formatting import human_ms
 from essential.actors.settings import Settings, get_settings
+from essential.actors.stack_record import ray_token_source
+from essential.orchestration import IllegalTransition, Saga, SagaState
+from essential.orchestration.states import ENDED_STATES, Action
 
 console = Console(width=None if os.isatty(1) else 140)
 
@@ -75,6 +75,7 @@ class Outcome:
 
 
 def plan_batch(per_job: int) -> list[Planned]:
+    examples_importable()
     from examples.data import DEMO_BROKE, DEMO_ROUTES, sample_payload
 
     batch: list[Planned] = []
@@ -173,9 +174,9 @@ def run_demo(per_job: int = 6, keep: bool = False, settings: Settings | None = N
 
 
 def _run(settings: Settings, info: dict[str, Any], per_job: int) -> bool:
-    from examples import data
-
     from essential.actors.client.ray_client import EssentialClient
+    examples_importable()
+    from examples import data
 
     console.print(f"[bold]Ray dashboard:[/] {info['ray']['dashboard_url']}")
     client = EssentialClient(settings, address=settings.ray_address)
@@ -245,7 +246,7 @@ def _follow(client: Any, batch: list[Planned]) -> None:
             for p in batch:
                 state = states.get(p.saga_id, "?")
                 notes[p.job][state] += 1
-                if state in ("completed", "aborted", "parked"):
+                if state in ENDED_STATES:
                     done[p.job] += 1
             for job, task in tasks.items():
                 note = " ".join(f"{k}:{v}" for k, v in sorted(notes[job].items()))

@@ -34,9 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from essential.actors.dev.kafka_broker import EmbeddedKafka
-from essential.actors.dev.ray_keeper import write_json_atomic
-from essential.actors.settings import Settings, get_settings
-from essential.actors.stack_record import RECORD, env_of, read_json
 from essential.actors.dev.mongodb import (
     HOST,
     EmbeddedMongo,
@@ -49,12 +46,25 @@ from essential.actors.dev.mongodb import (
     stop_pid,
     tail,
 )
+from essential.actors.dev.ray_keeper import write_json_atomic
+from essential.actors.settings import Settings, get_settings
+from essential.actors.stack_record import RECORD, env_of, read_json
 
 __all__ = ["ComponentStatus", "LocalStack", "StackError", "StackNotRunning"]
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: what the dev stack registers unless ESSENTIAL_JOB_MODULES says otherwise: the example jobs
 DEMO_JOB_MODULES = "examples.jobs"
+
+
+def examples_importable() -> None:
+    """Let this process import the checkout's ``examples`` (not installed: the dev stack's demo jobs and data).
+
+    The stack's Ray processes get the same through ``PYTHONPATH`` (see :meth:`LocalStack._start_ray`).
+    """
+    root = str(_PROJECT_ROOT)
+    if root not in sys.path:
+        sys.path.append(root)
 _POLL = 0.1
 COMPONENTS = ("ray", "kafka", "mongodb")  # the order down() stops them in
 
@@ -182,9 +192,6 @@ class LocalStack:
                 )
             )
         return out
-
-    def is_up(self) -> bool:
-        return all(s.alive and s.listening for s in self.status())
 
     def env(self) -> dict[str, str]:
         """Environment for clients of the running stack (CLI, demo, tests, services).

@@ -48,14 +48,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from essential.orchestration.errors import InvalidField
-from essential.orchestration.signals import SignalRequest
-from essential.orchestration.states import SagaState
-from essential.orchestration.storable import MAX_DEPTH, depth_exceeds
-
 from essential.actors.http import errors as http_errors
 from essential.actors.http.errors import HttpError, bad, error_response, from_reply, internal, unavailable
 from essential.actors.settings import Settings
+from essential.orchestration.errors import InvalidField, field_problems
+from essential.orchestration.signals import SignalRequest
+from essential.orchestration.states import SagaState
+from essential.orchestration.storable import MAX_DEPTH, depth_exceeds
 
 log = logging.getLogger("essential.http")
 
@@ -486,7 +485,7 @@ class HttpApi:
             try:
                 signal = SignalRequest.model_validate({**body, "saga": sid})
             except ValidationError as exc:
-                fields = [{"field": ".".join(str(p) for p in e["loc"]) or "<body>", "reason": e["msg"]} for e in exc.errors()]
+                fields = [{"field": f, "reason": r} for f, r in field_problems(exc, "<body>")]
                 if "saga" in body:
                     fields.insert(0, {"field": "saga", "reason": "unknown field; a signal has name, payload and key"})
                 raise HttpError(400, "InvalidField", "; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields) from None

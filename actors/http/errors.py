@@ -1,24 +1,13 @@
-"""The HTTP API's error envelope, and which status each typed error gets.
+"""The HTTP API's error envelope.
 
 Why one place: every refusal a client can cause must come back as a 4xx in the
 same JSON shape - ``{"statusCode", "error", "type", "message", "fields": [{"field",
 "reason"}]}`` - whether Essential's own code refused it, FastAPI's router (unknown
-route, wrong method) or a typed error from the supervisor.  503 is kept for "Essential
-cannot answer now, retry" and 500 for Essential's own failures, each saying so.
-
-====================================  ======  ===========================================
-type                                  status  when
-====================================  ======  ===========================================
-InvalidField, InvalidRequest, ...     400     a malformed body, filter, id or value (``fields`` names it)
-Unauthorized                          401     no valid ``Authorization: Bearer <token>``
-SagaNotFound, NotFound                404     no such saga / no such route
-MethodNotAllowed                      405     the route exists with other methods (``Allow``)
-IllegalTransition, LockBusy           409     the saga's state forbids the operation
-PayloadTooLarge                       413     body over ``ESSENTIAL_HTTP_MAX_BODY_BYTES``
-IdempotencyKeyReused, SagaIdReused    422     a key or id reused with other parameters
-CorruptDocument, InternalError        500     Essential cannot read what it stored / failed itself
-Unavailable, StoreUnavailable, ...    503     supervisor, saga actor or MongoDB away (``Retry-After``)
-====================================  ======  ===========================================
+route, wrong method) or a typed error from the supervisor.  Which status a typed
+error gets is the error contract's (:mod:`essential.actors.errors`); besides it,
+401 ``Unauthorized`` (no valid bearer token), 404 ``NotFound`` (no such route),
+405 ``MethodNotAllowed``, 413 ``PayloadTooLarge`` and 503 ``Unavailable`` (with
+``Retry-After``) are the API's own.
 """
 from __future__ import annotations
 
@@ -32,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from essential.actors.errors import http_status
+from essential.orchestration.errors import field_problems
 
 log = logging.getLogger("essential.http")
 
@@ -91,7 +81,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = [{"field": ".".join(str(p) for p in e["loc"]), "reason": e["msg"]} for e in exc.errors()]
+        fields = [{"field": f, "reason": r} for f, r in field_problems(exc, "")]
         return error_response(HttpError(400, "InvalidField", "; ".join(f"{f['field']}: {f['reason']}" for f in fields),
                                         fields))  # fmt: skip
 

@@ -29,12 +29,8 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from ray.exceptions import RayActorError
 
-from essential.orchestration import storable
-from essential.persistence.inbox import CommandLog
-
-from essential.actors.kafka import dlq
 from essential.actors.errors import dead_letter_code
-from essential.actors.kafka.recorded_commands import apply_kafka_command, from_extended_json
+from essential.actors.kafka import dlq
 from essential.actors.kafka.commands import (
     GAVE_UP,
     INVALID_COMMAND,
@@ -51,7 +47,10 @@ from essential.actors.kafka.commands import (
 from essential.actors.kafka.config import dead_letter_budget
 from essential.actors.kafka.consumer import Failed, Unreadable
 from essential.actors.kafka.failures import describe, permanent_code
+from essential.actors.kafka.recorded_commands import apply_kafka_command, from_extended_json
 from essential.actors.settings import Settings
+from essential.orchestration import storable
+from essential.persistence.inbox import CommandLog
 
 log = logging.getLogger("essential.gateway.commands")
 

@@ -38,10 +38,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
+from essential.actors.errors import dead_letter_code
 from essential.orchestration import storable
+from essential.orchestration.errors import field_problems
 from essential.orchestration.recorded import MAX_TTL as MAX_RECORDED_TTL
 from essential.orchestration.requests import MAX_TTL_SECONDS
-from essential.actors.errors import dead_letter_code
 
 SagaId = Annotated[str, Field(pattern=r"^[0-9a-f]{24}$", description="the saga's id (24 hex digits)")]
 Text = Annotated[str, Field(min_length=1, max_length=200)]
@@ -196,7 +197,7 @@ def parse_command(value: bytes | None, max_bytes: int) -> AnyCommand | Rejection
 
 
 def validation_problems(exc: ValidationError, root: str) -> list[str]:
-    return [f"{'.'.join(str(p) for p in err['loc']) or root}: {err['msg']}" for err in exc.errors()[:10]]
+    return [f"{field}: {reason}" for field, reason in field_problems(exc, root, limit=10)]
 
 
 def lone_surrogate(value: Any, where: str = "<command>") -> str | None:

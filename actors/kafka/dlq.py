@@ -28,10 +28,9 @@ from aiokafka.errors import (
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
-from essential.orchestration.errors import DeadLetterRefused
-
 from essential.actors import metrics
 from essential.actors.kafka.commands import Rejection
+from essential.orchestration.errors import DeadLetterRefused
 
 MAX_REASON = 2000
 #: a key longer than this is cut (keys only route the dead letter; the prefix identifies it)

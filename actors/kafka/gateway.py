@@ -33,21 +33,20 @@ import ray
 from aiokafka import AIOKafkaProducer
 from pymongo.asynchronous.database import AsyncDatabase
 
-from essential.persistence import command_outbox, inbox, kafka_retention
-from essential.persistence.connection import shared_client
-from essential.persistence.inbox import CommandLog
-from essential.persistence.outbox import OutboxQueue, utcnow
-
 from essential.actors.kafka import broker_watch
 from essential.actors.kafka.broker_watch import BrokerWatch, canary_topic
 from essential.actors.kafka.command_handler import CommandHandler
-from essential.actors.kafka.topics import ensure_topics
 from essential.actors.kafka.config import admin_kwargs, gateway_topics, producer_kwargs, watch_restarts
 from essential.actors.kafka.consumer import ConsumerLoop, backoff
 from essential.actors.kafka.relay import Relay
 from essential.actors.kafka.reply_handler import ReplyHandler
-from essential.actors.settings import Settings, settings_from
+from essential.actors.kafka.topics import ensure_topics
 from essential.actors.names import GATEWAY_NAME
+from essential.actors.settings import Settings, settings_from
+from essential.persistence import command_outbox, inbox, kafka_retention
+from essential.persistence.connection import shared_client
+from essential.persistence.inbox import CommandLog
+from essential.persistence.outbox import OutboxQueue, utcnow
 
 log = logging.getLogger("essential.gateway")
 

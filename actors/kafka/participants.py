@@ -35,16 +35,15 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from essential.actors.kafka.participant_protocol import Kind, ParticipantCommand
+from essential.actors.settings import get_settings
+from essential.actors.tracing import child as child_span
 from essential.orchestration.dsl import Job, Predicate, RetryPolicy, Step, StepContext
 from essential.orchestration.errors import StepFailed, StepTimeout
 from essential.orchestration.states import Action
 from essential.persistence import command_outbox
 from essential.persistence.connection import shared_client
 from essential.persistence.inbox import find_reply
-
-from essential.actors.kafka.participant_protocol import Kind, ParticipantCommand
-from essential.actors.settings import get_settings
-from essential.actors.tracing import child as child_span
 
 #: extra seconds the runner allows a Kafka step beyond its reply timeout (queueing, a slow read)
 STEP_MARGIN = 10.0

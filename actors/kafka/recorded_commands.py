@@ -6,11 +6,9 @@ from typing import Any
 
 from bson import json_util
 
-from essential.orchestration.errors import IdempotencyKeyReused, SagaIdReused, StoreUnavailable, raise_for_error
-
 from essential.actors.errors import dead_letter_code
 from essential.actors.kafka.commands import INVALID_COMMAND, UNSUPPORTED, Rejection
-
+from essential.orchestration.errors import IdempotencyKeyReused, SagaIdReused, StoreUnavailable, raise_for_error
 
 _EJSON = json_util.RELAXED_JSON_OPTIONS.with_options(tz_aware=True, tzinfo=timezone.utc)
 

@@ -38,10 +38,9 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from essential.persistence.outbox import OutboxQueue
-
 from essential.actors.kafka.broker_watch import BrokerWatch
 from essential.actors.kafka.consumer import backoff
+from essential.persistence.outbox import OutboxQueue
 
 log = logging.getLogger("essential.gateway.relay")
 

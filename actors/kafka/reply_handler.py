@@ -16,10 +16,6 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
-from essential.orchestration import storable
-from essential.persistence import command_outbox
-from essential.persistence.inbox import reply_id, store_reply
-
 from essential.actors.kafka import dlq
 from essential.actors.kafka.command_handler import failure_rejection, unreadable_rejection
 from essential.actors.kafka.commands import (
@@ -34,6 +30,9 @@ from essential.actors.kafka.config import dead_letter_budget
 from essential.actors.kafka.consumer import Failed, Unreadable
 from essential.actors.kafka.participant_protocol import ParticipantReply
 from essential.actors.settings import Settings
+from essential.orchestration import storable
+from essential.persistence import command_outbox
+from essential.persistence.inbox import reply_id, store_reply
 
 log = logging.getLogger("essential.gateway.replies")
 

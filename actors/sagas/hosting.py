@@ -8,12 +8,11 @@ from typing import Any
 
 import ray
 
-from essential.orchestration import LeaseLost, Saga, SagaRunner
-
 from essential.actors import logs
 from essential.actors.metrics import SagaMetrics
-from essential.actors.sagas.runtime import get_runtime
 from essential.actors.names import SUPERVISOR_NAME
+from essential.actors.sagas.runtime import get_runtime
+from essential.orchestration import LeaseLost, Saga, SagaRunner
 
 log = logging.getLogger("essential.hosting")
 

@@ -19,16 +19,20 @@ from typing import Any
 
 import ray
 
+from essential.actors.expiring import ExpiringMap
 from essential.actors.names import actor_name, host_name
 from essential.actors.sagas.saga_actor import SagaActor
 from essential.actors.sagas.saga_host import SagaHost
 from essential.actors.settings import Settings
+from essential.orchestration.errors import EssentialError
 
 log = logging.getLogger("essential.placement")
 
 ABORT_NOTICE_TIMEOUT = 2.0
 #: how long a saga's actor or host may take to answer before it counts as hung
 PING_TIMEOUT = 10.0
+#: seconds an unused recorded saga's actor handle is kept
+HANDLE_IDLE = 600.0
 
 
 class Placement:
@@ -49,6 +53,8 @@ class Placement:
         # there) when last seen or launched: a saga lost because its host died is not to blame for it
         self._host_seen: dict[int, tuple[str, int]] = {}
         self._saga_seen: dict[str, tuple[int, str | None, int]] = {}
+        # recorded sagas: the dedicated actor of each open saga, looked up once (bounded, idle entries expire)
+        self._recorded_handles: ExpiringMap[str, Any] = ExpiringMap(max_entries=settings.recorded_cache_size, idle=HANDLE_IDLE)
 
     # -- policy ----------------------------------------------------------------------
     def is_shared(self, job: str) -> bool:
@@ -146,10 +152,38 @@ class Placement:
         if handle is not None:
             ray.kill(handle, no_restart=True)
 
+    def adopt(self, saga_id: str, job: str) -> None:
+        """Something already drives the saga (found running, not launched by this supervisor): count it live."""
+        (self.shared if self.is_shared(job) else self.dedicated).add(saga_id)
+
+    def holds_slot(self, saga_id: str) -> bool:
+        """Does the saga take one of the ``max_live_sagas`` places (a dedicated actor, or a pooled host)?"""
+        return saga_id in self.dedicated or (self.pooled and saga_id in self.shared)
+
+    async def let_go(self, unfinished: set[str]) -> set[str]:
+        """Forget the live sagas not in ``unfinished`` once nothing runs them any more; returns them.
+
+        A dedicated saga is gone when its actor is; a pooled one when its host has let go of it
+        (its host is then free for the next saga); a shared one at once.
+        """
+        done = {sid for sid in self.live if sid not in unfinished}
+        shared_done = done & self.shared
+        dedicated_done = list(done - shared_done)
+        if self.pooled and shared_done:
+            since = self.launch_seq
+            hosted, silent = await self.hosted()
+            busy = hosted | self.launched_since(since)
+            shared_done = {sid for sid in shared_done if sid not in busy and not self.may_run_on(sid, silent)}
+        still = await self.dedicated_running(dedicated_done)
+        gone = shared_done | {sid for sid in dedicated_done if sid not in still}
+        self.forget(gone)
+        return gone
+
     def forget(self, saga_ids: set[str]) -> None:
         self.dedicated -= saga_ids
         self.shared -= saga_ids
         for saga_id in saga_ids:
+            self._recorded_handles.pop(saga_id, None)
             self._slots.pop(saga_id, None)
             self._launching.pop(saga_id, None)
             self._launched.pop(saga_id, None)
@@ -247,6 +281,42 @@ class Placement:
         return [r for r in replies if isinstance(r, dict)]
 
     # -- recorded sagas: add/commit/abort reach the actor or host that drives the saga --
+    async def recorded_call(self, saga_id: str, job: str, op: str, args: dict[str, Any], timeout: float, *,
+                            launch: bool) -> dict[str, Any]:  # fmt: skip
+        """Deliver a recorded saga's ``op`` to the actor or host that drives it; ``{"moved": True}`` when
+        nothing there has it (``launch``: start driving it when nothing does)."""
+        place = self
+        try:
+            if place.is_shared(job):
+                reply = await asyncio.wait_for(place.host_for(saga_id).recorded.remote(saga_id, op, args), timeout)
+                if "moved" in reply and launch:
+                    place.launch(saga_id, job)  # runs it there unless it already runs
+                return reply
+            handle = self._recorded_handles.get(saga_id)
+            if handle is None:
+                if not launch:
+                    return {"moved": True}
+                handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
+                if handle is None:  # nothing drives it (crashed, or not yet restored): launch it now
+                    place.launch(saga_id, job)
+                    handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
+                    if handle is None:
+                        return {"moved": True}
+                self._recorded_handles[saga_id] = handle
+            reply = await asyncio.wait_for(handle.recorded.remote(op, args), timeout)
+            if "moved" in reply:
+                self._recorded_handles.pop(saga_id, None)
+            return reply
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            self._recorded_handles.pop(saga_id, None)
+            return {"moved": True}
+        except asyncio.TimeoutError:
+            raise EssentialError(f"saga {saga_id}: its actor did not answer {op} within {timeout:.0f}s") from None
+
+    def drop_handle(self, saga_id: str) -> None:
+        """The saga's actor is of no use any more (it ended, or moved): look it up again next time."""
+        self._recorded_handles.pop(saga_id, None)
+
     def dedicated_handle(self, saga_id: str) -> Any:
         """The saga's ``saga:<id>`` actor, or None (blocking: a GCS round trip)."""
         return self._dedicated_handle(saga_id)
@@ -286,7 +356,7 @@ class Placement:
                 lifetime="detached",
                 get_if_exists=True,
                 scheduling_strategy="SPREAD",
-            ).remote(index, self.actor_settings)
+            ).remote(index, self.actor_settings, exclusive=self.pooled)
         return self._hosts[index]
 
     def index_of(self, saga_id: str) -> int | None:

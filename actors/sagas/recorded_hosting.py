@@ -5,17 +5,14 @@ import asyncio
 from collections import OrderedDict
 from typing import Any
 
-
+from essential.actors.sagas.recorded_runner import RecordedRunner
+from essential.actors.sagas.runtime import Runtime
 from essential.orchestration.recorded import (
     RECORDED,
 )
 from essential.persistence.recorded_store import (
     RecordedStore,
 )
-
-from essential.actors.sagas.runtime import Runtime
-
-from essential.actors.sagas.recorded_runner import RecordedRunner
 
 #: seconds an operation waits for the saga's runner to appear in a freshly launched actor
 ARRIVAL_TIMEOUT = 30.0

@@ -25,6 +25,8 @@ from bson.errors import BSONError
 from bson.json_util import CANONICAL_JSON_OPTIONS
 from pydantic import ValidationError
 
+from essential.actors.kafka.participant_protocol import ParticipantCommand
+from essential.actors.sagas.runtime import Runtime
 from essential.orchestration import (
     EssentialError,
     Event,
@@ -37,7 +39,8 @@ from essential.orchestration import (
     StageMeta,
     SystemClock,
 )
-from essential.orchestration.errors import AbortPending
+from essential.orchestration.errors import AbortPending, CorruptDocument, InvalidField, envelope, field_problems
+from essential.orchestration.lifecycle import check_transition, parking
 from essential.orchestration.recorded import (
     RECORDED,
     AddStage,
@@ -52,8 +55,7 @@ from essential.orchestration.recorded import (
     route_bucket,
     undo_plan,
 )
-from essential.orchestration.errors import CorruptDocument, InvalidField
-from essential.orchestration.states import TERMINAL_STATES, Action, StageStatus
+from essential.orchestration.states import Action, StageStatus
 from essential.persistence import command_outbox
 from essential.persistence.documents import stage_to_doc
 from essential.persistence.inbox import find_reply
@@ -62,11 +64,6 @@ from essential.persistence.recorded_store import (
     json_safe,
     stage_json,
 )
-
-from essential.actors.kafka.participant_protocol import ParticipantCommand
-from essential.actors.sagas.runtime import Runtime
-
-from essential.orchestration.errors import envelope
 
 log = logging.getLogger("essential.recorded")
 
@@ -93,7 +90,7 @@ def unstorable(exc: Exception, where: str = "<request>") -> InvalidField:
 
 def corrupt(what: str, exc: Exception) -> CorruptDocument:
     if isinstance(exc, ValidationError):
-        reason = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        reason = "; ".join(f"{field}: {why}" for field, why in field_problems(exc, "", limit=3))
     else:
         reason = f"{type(exc).__name__}: {exc}"
     return CorruptDocument(what, reason)
@@ -136,7 +133,7 @@ class RecordedRunner:
         saga = await self.runtime.store.acquire_lease(self.saga_id, self.owner)
         self.saga, self.epoch = saga, saga.lease.epoch
         try:
-            if saga.state in TERMINAL_STATES or saga.state == SagaState.PARKED:
+            if saga.state.ended:
                 return
             if saga.abort_requested:
                 self.request_abort(saga.abort_requested)
@@ -415,13 +412,14 @@ class RecordedRunner:
 
     async def _park(self, reason: str) -> None:
         log.error("saga %s parked: %s", self.saga_id, reason)
-        await self._transition(
-            {"state": SagaState.PARKED, "parked_reason": reason, "parked_from": self._saga.state},
-            [self._event(EventType.PARKED, SagaState.PARKED, reason=reason)],
-        )
+        fields, event = parking(self._saga, reason, _now())
+        event.data["kind"] = RECORDED
+        await self._transition(fields, [event])
 
     # -- helpers --------------------------------------------------------------------------------
     async def _transition(self, fields: dict[str, Any], events: list[Event], *, unless_abort: bool = False) -> None:
+        if "state" in fields:
+            check_transition(self._saga.state, fields["state"])
         fields = {**fields, "updatedAt": _now()}
         await self.rstore.transition(self.saga_id, self.epoch, fields, events, unless_abort=unless_abort)
         for name, value in fields.items():
@@ -440,12 +438,7 @@ class RecordedRunner:
                 log.debug("observer failed", exc_info=True)
 
     def _event(self, type_: EventType, state: SagaState | None, **data: Any) -> Event:
-        saga = self._saga
-        return Event(
-            type=type_, saga=saga.id, job=saga.job, state=state or saga.state, at=_now(),
-            correlation_id=saga.correlation_id, traceparent=saga.traceparent,
-            data={"kind": RECORDED, **{k: v for k, v in data.items() if v is not None}},
-        )  # fmt: skip
+        return Event.of(self._saga, type_, at=_now(), state=state, kind=RECORDED, **data)
 
     def _json(self) -> dict[str, Any]:
         out = self._saga.model_dump(mode="json")

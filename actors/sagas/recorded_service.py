@@ -6,10 +6,12 @@ import logging
 import uuid
 from typing import Any
 
-import ray
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from essential.actors.expiring import ExpiringMap
+from essential.actors.sagas.recorded_runner import CACHE_IDLE, DATABASE_CHECK_IDLE, UNSTORABLE, corrupt, unstorable
+from essential.actors.sagas.runtime import Runtime
 from essential.orchestration import (
     EssentialError,
     IllegalTransition,
@@ -17,6 +19,7 @@ from essential.orchestration import (
     SagaState,
     SystemClock,
 )
+from essential.orchestration.errors import InvalidField, SagaIdReused, StoreUnavailable, TooManyOpenSagas, envelope
 from essential.orchestration.recorded import (
     RECORDED,
     AddStage,
@@ -31,7 +34,6 @@ from essential.orchestration.recorded import (
     route_bucket,
     start_differs,
 )
-from essential.orchestration.errors import InvalidField, SagaIdReused, StoreUnavailable, TooManyOpenSagas
 from essential.orchestration.states import TERMINAL_STATES
 from essential.persistence.documents import saga_from_doc
 from essential.persistence.recorded_store import (
@@ -41,12 +43,6 @@ from essential.persistence.recorded_store import (
     stage_json,
     stage_query,
 )
-
-from essential.actors.expiring import ExpiringMap
-from essential.actors.sagas.runtime import Runtime
-
-from essential.orchestration.errors import envelope
-from essential.actors.sagas.recorded_runner import CACHE_IDLE, DATABASE_CHECK_IDLE, UNSTORABLE, corrupt, unstorable
 
 log = logging.getLogger("essential.recorded")
 
@@ -64,7 +60,6 @@ class RecordedService:
         self.placement = placement
         self.clock = SystemClock()
         size = self.settings.recorded_cache_size
-        self._handles: ExpiringMap[str, Any] = ExpiringMap(max_entries=size, idle=CACHE_IDLE)
         self._open: ExpiringMap[str, str] = ExpiringMap(max_entries=size, idle=CACHE_IDLE)  # saga id -> job
         self._databases: ExpiringMap[str, InvalidField | None] = ExpiringMap(max_entries=1000, idle=DATABASE_CHECK_IDLE)
 
@@ -193,7 +188,7 @@ class RecordedService:
                 call_args = {**args, "check_key": not (args.get("fresh_key") and attempt == 1)}
             else:
                 call_args = args
-            reply = await self._call(saga_id, job, op, call_args, max(deadline - loop.time(), 1.0), launch=not fast)
+            reply = await self.placement.recorded_call(saga_id, job, op, call_args, max(deadline - loop.time(), 1.0), launch=not fast)
             if "moved" not in reply:
                 state = (reply.get("saga") or {}).get("state")
                 if state in {s.value for s in TERMINAL_STATES}:
@@ -201,7 +196,7 @@ class RecordedService:
                 elif "error" in reply:
                     self._open.pop(saga_id, None)  # the next operation reads the saga first
                     if reply["error"]["type"] == IllegalTransition.__name__:  # it ended: its actor leaves
-                        self._handles.pop(saga_id, None)
+                        self.placement.drop_handle(saga_id)
                 else:
                     self._remember(saga_id, job)
                 return reply
@@ -219,39 +214,8 @@ class RecordedService:
         self._open[saga_id] = job
 
     def _forget(self, saga_id: str) -> None:
-        self._handles.pop(saga_id, None)
         self._open.pop(saga_id, None)
         self.placement.forget({saga_id})
-
-    async def _call(self, saga_id: str, job: str, op: str, args: dict[str, Any], timeout: float, *,
-                    launch: bool) -> dict[str, Any]:  # fmt: skip
-        place = self.placement
-        try:
-            if place.is_shared(job):
-                reply = await asyncio.wait_for(place.host_for(saga_id).recorded.remote(saga_id, op, args), timeout)
-                if "moved" in reply and launch:
-                    place.launch(saga_id, job)  # runs it there unless it already runs
-                return reply
-            handle = self._handles.get(saga_id)
-            if handle is None:
-                if not launch:
-                    return {"moved": True}
-                handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
-                if handle is None:  # nothing drives it (crashed, or not yet restored): launch it now
-                    place.launch(saga_id, job)
-                    handle = await asyncio.to_thread(place.dedicated_handle, saga_id)
-                    if handle is None:
-                        return {"moved": True}
-                self._handles[saga_id] = handle
-            reply = await asyncio.wait_for(handle.recorded.remote(op, args), timeout)
-            if "moved" in reply:
-                self._handles.pop(saga_id, None)
-            return reply
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            self._handles.pop(saga_id, None)
-            return {"moved": True}
-        except asyncio.TimeoutError:
-            raise EssentialError(f"saga {saga_id}: its actor did not answer {op} within {timeout:.0f}s") from None
 
     # -- reads ----------------------------------------------------------------------------------
     async def get(self, saga_id: str) -> dict[str, Any]:

@@ -10,11 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from essential.actors.settings import Settings, settings_from
 from essential.orchestration import JobRegistry
 from essential.persistence.connection import shared_client
 from essential.persistence.store import MongoSagaStore
-
-from essential.actors.settings import Settings, settings_from
 
 
 @dataclass

@@ -12,11 +12,9 @@ from typing import Any
 
 import ray
 
-from essential.orchestration import SagaRunner
-
-from essential.actors.sagas.hosting import EndNotice, drive
 from essential.actors.names import actor_name
-
+from essential.actors.sagas.hosting import EndNotice, drive
+from essential.orchestration import SagaRunner
 
 #: after its saga ends, how long an actor waits for the supervisor's ``run()`` call before leaving by itself
 LOST_RUN_CALL_GRACE = 5.0

@@ -16,16 +16,16 @@ from typing import Any
 
 import ray
 
-from essential.orchestration import SagaRunner
-
 from essential.actors.expiring import ExpiringMap
-from essential.actors.sagas.hosting import EndNotice, Ended, drive
 from essential.actors.names import host_name
+from essential.actors.sagas.hosting import Ended, EndNotice, drive
+from essential.orchestration import SagaRunner
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000)
 class SagaHost:
-    def __init__(self, index: int, settings: dict[str, Any]) -> None:
+    def __init__(self, index: int, settings: dict[str, Any], *, exclusive: bool = False) -> None:
+        """``exclusive``: one saga at a time (pooled placement, which the supervisor's placement decides)."""
         self.index = index
         self.settings = settings
         self._tasks: dict[str, asyncio.Task] = {}
@@ -35,7 +35,8 @@ class SagaHost:
         self.completed = 0
         self.peak = 0  # most sagas at once (pooled placement: 1)
         self.refused = 0  # pooled: launches refused because a saga was running here
-        self.placement = settings.get("placement", "shared")
+        self.exclusive = exclusive
+        self.placement = "pooled" if exclusive else "shared"  # what its stats and name in the dashboard say
         self._end_notice = EndNotice(settings.get("namespace", "essential"))
         # new each time Ray (re)starts this host: tells the supervisor the host died in between
         self.incarnation = uuid.uuid4().hex
@@ -49,7 +50,7 @@ class SagaHost:
         task = self._tasks.get(saga_id)
         if task is not None and not task.done():
             return False
-        if self.placement == "pooled" and any(not t.done() for t in self._tasks.values()):
+        if self.exclusive and any(not t.done() for t in self._tasks.values()):
             # one saga at a time, whatever the supervisor's view (it may lag a finished or a
             # restored saga): the saga stays unplaced and the next sweep gives it a free host
             self.refused += 1

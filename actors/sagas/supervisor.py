@@ -15,6 +15,13 @@ from typing import Any
 
 import ray
 
+from essential.actors import metrics, tracing
+from essential.actors.expiring import ExpiringMap
+from essential.actors.names import SUPERVISOR_NAME
+from essential.actors.sagas.placement import Placement
+from essential.actors.sagas.runtime import Runtime, get_runtime
+from essential.actors.sagas.waiters import EndWatch
+from essential.actors.settings import Settings, settings_from
 from essential.orchestration import (
     EssentialError,
     Event,
@@ -28,23 +35,13 @@ from essential.orchestration import (
     build_saga,
 )
 from essential.orchestration.errors import envelope
+from essential.orchestration.lifecycle import check_transition, parking
 from essential.orchestration.requests import same_request
 from essential.orchestration.signals import SignalRequest
-from essential.orchestration.states import TERMINAL_STATES
-
-from essential.actors import metrics, tracing
-from essential.actors.names import SUPERVISOR_NAME
-from essential.actors.expiring import ExpiringMap
-from essential.actors.sagas.placement import Placement
-from essential.actors.sagas.waiters import EndWatch
-from essential.actors.sagas.runtime import Runtime, get_runtime
-from essential.actors.settings import Settings, settings_from
+from essential.orchestration.states import ACTIVE_STATES, HOLDING_AN_ACTOR, TERMINAL_STATES
 
 log = logging.getLogger("essential.supervisor")
 
-ACTIVE_STATES = [SagaState.RUNNING, SagaState.COMPENSATING, SagaState.COMMITTING]
-#: states in which a saga is (or is about to be) driven by an actor or host task
-HOLDING_AN_ACTOR = {s.value for s in (*ACTIVE_STATES, SagaState.PENDING)}
 #: most active sagas one sweep judges, and pending sagas it reads beyond the free slots
 SWEEP_ACTIVE, SWEEP_PENDING = 5000, 500
 
@@ -122,9 +119,9 @@ class Supervisor:
             return
         self._epoch_floor.pop(saga_id, None)
         if ended is not None and self._end_watch is not None:
-            if ended.state in TERMINAL_STATES or ended.state == SagaState.PARKED:
+            if ended.state.ended:
                 self._end_watch.resolve(saga_id, ended)
-        held_a_slot = saga_id in self.placement.dedicated or (self.placement.pooled and saga_id in self.placement.shared)
+        held_a_slot = self.placement.holds_slot(saga_id)
         self.placement.forget({saga_id})
         recorded = getattr(self, "_recorded_service", None)
         if recorded is not None:  # its cached handle and job are of no use once the saga left its actor
@@ -164,7 +161,7 @@ class Supervisor:
             # a saga launched here exists and has not ended yet; any other is read first,
             # which also refuses an unknown id at once
             saga = None if saga_id in self.placement.live else await rt.store.get(saga_id)
-            if saga is None or (saga.state not in TERMINAL_STATES and saga.state != SagaState.PARKED):
+            if saga is None or not saga.state.ended:
                 if self._end_watch is None:
                     self._end_watch = EndWatch(rt.store.ended)
                 # one poll serves every waiting caller, and hands over the ended saga
@@ -219,9 +216,6 @@ class Supervisor:
             "sweeping_at": where,
         }
 
-    async def live_count(self) -> int:
-        return len(self.placement.live)
-
     async def hosts(self) -> list[dict[str, Any]]:
         """Shared-placement host actors and how many sagas each holds."""
         return await self.placement.host_stats()
@@ -248,7 +242,7 @@ class Supervisor:
         seen_at = place.launch_seq  # sagas launched after this are not in what is read next
         # bounded reads: the least recently updated active sagas (orphans are among them), and the oldest
         # pending ones — enough to fill the free slots and to expire those past their TTL
-        active = {s.id: s for s in await store.list_by_states(ACTIVE_STATES, stalest_first=True, limit=SWEEP_ACTIVE)}
+        active = {s.id: s for s in await store.list_by_states(sorted(ACTIVE_STATES), stalest_first=True, limit=SWEEP_ACTIVE)}
         pending = await store.list_by_states(
             [SagaState.PENDING], oldest_first=True, limit=max(place.slots_free(), 0) + SWEEP_PENDING
         )
@@ -297,7 +291,7 @@ class Supervisor:
 
         for saga_id, saga in active.items():
             if saga_id in alive:
-                (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga_id)
+                place.adopt(saga_id, saga.job)
                 continue
             collateral = place.lost_with_its_host(saga_id)  # read before forget() drops what it knows
             place.forget({saga_id})
@@ -317,7 +311,7 @@ class Supervisor:
         place.forget({sid for sid in waiting if sid not in running})  # launched, but died before starting
         for saga in pending:
             if saga.id in running:
-                (place.shared if place.is_shared(saga.job) else place.dedicated).add(saga.id)
+                place.adopt(saga.id, saga.job)
                 continue
             if saga.deadline <= now:  # its TTL ran out while it queued: it ends without running
                 counts["expired"] += await self._expire_pending(saga)
@@ -343,17 +337,7 @@ class Supervisor:
 
     async def _forget_finished(self, unfinished: set[str]) -> None:
         """Drop finished sagas from the live sets once nothing runs them any more."""
-        done = {sid for sid in self.placement.live if sid not in unfinished}
-        shared_done = done & self.placement.shared
-        dedicated_done = list(done - shared_done)
-        if self.placement.pooled and shared_done:  # its host is free once it has let go of the saga
-            since = self.placement.launch_seq
-            hosted, silent = await self.placement.hosted()
-            busy = hosted | self.placement.launched_since(since)
-            shared_done = {sid for sid in shared_done if sid not in busy and not self.placement.may_run_on(sid, silent)}
-        still = await self.placement.dedicated_running(dedicated_done)
-        gone = shared_done | {sid for sid in dedicated_done if sid not in still}
-        self.placement.forget(gone)
+        gone = await self.placement.let_go(unfinished)
         for sid in gone:
             self._killed.pop(sid, None)
 
@@ -365,11 +349,9 @@ class Supervisor:
             await rt.store.release(saga.id)
             return 0
         reason = f"ttl of {leased.ttl:g}s expired before the saga was admitted"
-        event = Event(
-            type=EventType.ABORTED, saga=leased.id, job=leased.job, state=SagaState.ABORTED, at=self.clock.now(),
-            correlation_id=leased.correlation_id, traceparent=leased.traceparent, data={"reason": reason},
-        )  # fmt: skip
         now = self.clock.now()
+        check_transition(leased.state, SagaState.ABORTED)
+        event = Event.of(leased, EventType.ABORTED, at=now, state=SagaState.ABORTED, reason=reason)
         fields = {"state": SagaState.ABORTED, "error": reason, "aborted_at": now, "updatedAt": now}
         await rt.store.transition(saga.id, leased.lease.epoch, fields, [event])
         metrics.saga_expired(leased.model_copy(update={"updatedAt": now}))
@@ -380,12 +362,10 @@ class Supervisor:
         """Needs a person: fenced like any writer, so a late actor cannot undo it."""
         rt = await self._rt()
         saga = await rt.store.acquire_lease(saga_id, "supervisor")
-        event = Event(
-            type=EventType.PARKED, saga=saga.id, job=saga.job, state=SagaState.PARKED, at=self.clock.now(),
-            correlation_id=saga.correlation_id, traceparent=saga.traceparent, data={"reason": reason},
-        )  # fmt: skip
-        fields = {"state": SagaState.PARKED, "parked_reason": reason, "parked_from": saga.state,
-                  "updatedAt": self.clock.now()}  # fmt: skip
+        if saga.state.terminal:  # it ended meanwhile: nothing to park
+            await rt.store.release(saga_id)
+            return
+        fields, event = parking(saga, reason, self.clock.now())
         await rt.store.transition(saga_id, saga.lease.epoch, fields, [event])
         await rt.store.release(saga_id)
         log.error("saga %s parked: %s", saga_id, reason)

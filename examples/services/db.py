@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient
-from pymongo.errors import CollectionInvalid, OperationFailure
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import CollectionInvalid, OperationFailure
 
 from essential import get_settings, shared_client
 
