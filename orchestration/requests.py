@@ -3,20 +3,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import ConfigDict, Field, Strict, field_validator
 
 from essential.orchestration import storable
 from essential.orchestration.clock import Clock
-from essential.orchestration.errors import invalid
 from essential.orchestration.models import Event, Saga
 from essential.orchestration.registry import JobRegistry
 from essential.orchestration.states import EventType, SagaState
+from essential.orchestration.validated import Validated
 
 #: the longest time-to-live a saga may ask for (ten years): past it, deadlines leave the calendar
 MAX_TTL_SECONDS = 10 * 366 * 24 * 3600.0
 
 
-class StartRequest(BaseModel):
+class StartRequest(Validated):
+    WHAT = "start request"
     # strict where a wrong type is the caller's mistake: ``"ttl": true`` is refused, never read as 1 s
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -37,15 +38,6 @@ class StartRequest(BaseModel):
             raise ValueError("; ".join(found))
         return value
 
-    @classmethod
-    def parse(cls, data: Any) -> "StartRequest":
-        """Validate raw input, raising :class:`InvalidRequest` that names each bad field."""
-        if isinstance(data, cls):
-            return data
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid("start request", exc) from None
 
 
 def same_request(saga: Saga, request: Saga) -> bool:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from essential.orchestration import storable
-from essential.orchestration.errors import invalid
+from essential.orchestration.validated import Validated
 
 #: a signal's payload is JSON of at most this many bytes
 MAX_SIGNAL_BYTES = 256 * 1024
 
 
-class SignalRequest(BaseModel):
+class SignalRequest(Validated):
+    WHAT = "signal"
     model_config = ConfigDict(extra="forbid")
 
     saga: str = Field(pattern=r"^[0-9a-f]{24}$", description="the saga's id (24 hex digits)")
@@ -44,12 +45,3 @@ class SignalRequest(BaseModel):
             raise ValueError(f"{size} bytes of JSON exceed the limit of {MAX_SIGNAL_BYTES}")
         return value
 
-    @classmethod
-    def parse(cls, data: Any) -> "SignalRequest":
-        """Validate raw input, raising :class:`InvalidRequest` that names each bad field."""
-        if isinstance(data, cls):
-            return data
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise invalid("signal", exc) from None

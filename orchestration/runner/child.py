@@ -21,10 +21,10 @@ def child_key(parent_id: str, seq: int) -> str:
 
 async def run_child(run: Run, step: ChildStep, index: int, payload: Any, results: dict[str, Any]) -> str | None:
     cp = run.cp
-    stage = cp.latest(step.name)
-    ctx = run.ctx(step, cp.resume_seq(stage), payload, results)
-    if step.when is not None and not step.when(ctx):
+    entered = run.enter(step, payload, results)
+    if entered is None:
         return None
+    stage, ctx = entered
     if stage is None or stage.status != StageStatus.STARTED:
         assert step.child_payload is not None
         req = {"job": step.child_job, "payload": jsonable(step.child_payload(ctx))}

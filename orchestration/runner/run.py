@@ -47,6 +47,15 @@ class Run:
             **extra,
         )
 
+    def enter(self, step: Step, payload: Any, results: dict[str, Any]) -> tuple[Stage | None, StepContext[Any]] | None:
+        """The step's latest stage (open when a crash or a wait interrupted it) and its context;
+        None when the step's ``when`` skips it."""
+        stage = self.cp.latest(step.name)
+        ctx = self.ctx(step, self.cp.resume_seq(stage), payload, results)
+        if step.when is not None and not step.when(ctx):
+            return None
+        return stage, ctx
+
     async def attempt(
         self, fn: Any, ctx: StepContext[Any], policy: RetryPolicy, timeout: float, *, bounded_by_ttl: bool
     ) -> Attempts:

@@ -13,10 +13,10 @@ from essential.orchestration.states import Action, StageStatus
 async def run_wait(run: Run, step: WaitStep, index: int, payload: Any, results: dict[str, Any]) -> str | None:
     cp = run.cp
     saga = cp.current
-    stage = cp.latest(step.name)
-    ctx = run.ctx(step, cp.resume_seq(stage), payload, results)
-    if step.when is not None and not step.when(ctx):
+    entered = run.enter(step, payload, results)
+    if entered is None:
         return None
+    stage, ctx = entered
     if stage is None or stage.status != StageStatus.STARTED:
         stage = cp.new_stage(step, ctx.seq, Action.WAIT, req={"signal": step.signal})
         timeout = seconds_of(step.wait_timeout, ctx)

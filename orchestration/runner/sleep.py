@@ -12,10 +12,10 @@ from essential.orchestration.states import Action, StageStatus
 
 async def run_sleep(run: Run, step: SleepStep, index: int, payload: Any, results: dict[str, Any]) -> str | None:
     cp = run.cp
-    stage = cp.latest(step.name)
-    ctx = run.ctx(step, cp.resume_seq(stage), payload, results)
-    if step.when is not None and not step.when(ctx):
+    entered = run.enter(step, payload, results)
+    if entered is None:
         return None
+    stage, ctx = entered
     if stage is None or stage.status != StageStatus.STARTED:
         stage = cp.new_stage(step, ctx.seq, Action.WAIT, req=None)
         seconds = seconds_of(step.duration, ctx) or 0.0
