@@ -7,10 +7,12 @@ longer ``epoch``, so a stale runner can never overwrite a newer one.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from essential.orchestration.models import Event, Saga, Signal, Stage
+from essential.orchestration.recorded import BucketRoute, Inverse
 from essential.orchestration.states import SagaState
 
 #: a bucket lock: (bucket, key)
@@ -131,3 +133,56 @@ class RunnerObserver(Protocol):
     def stage_finished(self, saga: Saga, stage: Stage) -> None: ...
 
     def state_changed(self, saga: Saga, state: SagaState) -> None: ...
+
+
+@dataclass(frozen=True)
+class Undone:
+    """How one recorded stage's undo went: done (with what the undo returned), or why it could not be."""
+
+    ok: bool
+    result: Any = None
+    reason: str = ""
+
+
+class RecordedSagaStore(Protocol):
+    """What a recorded saga's runner needs from storage; the stored stages keep their inverse."""
+
+    async def acquire_lease(self, saga_id: str, owner: str) -> Saga: ...
+
+    async def release(self, saga_id: str) -> None: ...
+
+    async def request_abort(self, saga_id: str, reason: str) -> Saga:
+        """Durable first: a runner that dies after this is restored compensating, not open."""
+
+    async def lease_of(self, saga_id: str) -> tuple[int | None, str | None]:
+        """The saga's current lease epoch and durable abort request (what the open saga re-reads)."""
+
+    async def transition(
+        self, saga_id: str, epoch: int, fields: dict[str, Any], events: list[Event], *, unless_abort: bool = False
+    ) -> None: ...
+
+    async def add_stage(
+        self, saga_id: str, epoch: int, stage: Stage, event: Event, *, op: str, inverse: Inverse,
+        meta: dict[str, Any], key: str | None, check_key: bool,
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """Record a reported stage (fenced, refused with AbortPending after an abort): ``(the stored
+        stage as JSON, created)``; a known ``key`` returns the stage it recorded."""
+
+    async def stage_docs(self, saga_id: str) -> list[Mapping[str, Any]]:
+        """Every stored stage of the saga, as :func:`~essential.orchestration.recorded.undo_plan` reads them."""
+
+    def json_safe(self, value: Any) -> Any:
+        """A stored value as plain JSON (what a stage's ``req``/``res``/``meta`` are shown as)."""
+
+
+class RecordedUndo(Protocol):
+    """Carries out a recorded stage's inverse where its bucket lives (a database, or a service over Kafka)."""
+
+    async def refusal(self, route: BucketRoute) -> str | None:
+        """Why the inverse must not run where the bucket resolves now, or None."""
+
+    async def undo(
+        self, saga: Saga, epoch: int, forward: Mapping[str, Any], stage: Stage, route: BucketRoute, inverse: Inverse,
+        event: Event,
+    ) -> Undone:  # fmt: skip
+        """Undo ``forward`` and record ``stage`` (its compensation) with ``event``, fenced on ``epoch``."""

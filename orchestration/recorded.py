@@ -18,7 +18,7 @@ This module decides *what* to undo (:func:`inverse_of`, :func:`undo_plan`),
 *where* an undo may run (:func:`check_database`: never Essential's own database
 nor ``admin``/``local``/``config``, only databases the deployment allows) and
 *whether an operation is allowed now* (:func:`check`); applying the inverse on
-MongoDB lives in ``essential.persistence.inverse``, hosting in ``essential.actors.sagas.recorded_runner``.
+MongoDB lives in ``essential.persistence.inverse``, its runner in :mod:`essential.orchestration.recorded_runner`, hosting in ``essential.actors.sagas.recorded_hosting``.
 Values (ids, documents) pass through untouched, so BSON types survive.
 """
 from __future__ import annotations

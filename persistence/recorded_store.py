@@ -26,15 +26,25 @@ from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 from bson import Binary, Code, DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import DuplicateKeyError
 
-from essential.orchestration.models import Event, Saga
+from essential.orchestration.errors import InvalidField
+from essential.orchestration.models import Event, Saga, Stage
 from essential.orchestration.recorded import RECORDED, BucketRoute, Inverse
-from essential.persistence.documents import oid, saga_from_doc, saga_to_doc
+from essential.persistence.documents import oid, saga_from_doc, saga_to_doc, stage_to_doc
 from essential.persistence.inverse import apply_inverse
 from essential.persistence.store import MongoSagaStore, resilient
+
+#: what a value MongoDB cannot encode raises (an integer past 64 bits, a NUL in a key, a lone surrogate)
+UNSTORABLE = (BSONError, OverflowError, UnicodeEncodeError)
+
+
+def unstorable(exc: Exception, where: str = "<request>") -> InvalidField:
+    """A value the database refused to encode, as the caller's mistake (400), not a server error."""
+    return InvalidField(where, f"MongoDB cannot store it as given: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def json_safe(value: Any, *, dates: bool = False) -> Any:
@@ -96,6 +106,38 @@ class RecordedStore:
         self.stages = store.stages_col
         self.outbox = store.outbox
 
+    # -- what a recorded saga's runner needs (essential.orchestration.ports.RecordedSagaStore) ---
+    async def acquire_lease(self, saga_id: str, owner: str) -> Saga:
+        return await self.store.acquire_lease(saga_id, owner)
+
+    async def release(self, saga_id: str) -> None:
+        await self.store.release(saga_id)
+
+    async def request_abort(self, saga_id: str, reason: str) -> Saga:
+        return await self.store.request_abort(saga_id, reason)
+
+    async def lease_of(self, saga_id: str) -> tuple[int | None, str | None]:
+        doc = await self.doc(saga_id)
+        return doc.get("lease", {}).get("epoch"), doc.get("abort_requested")
+
+    def json_safe(self, value: Any) -> Any:
+        return json_safe(value)
+
+    async def add_stage(
+        self, saga_id: str, epoch: int, stage: Stage, event: Event, *, op: str, inverse: Inverse,
+        meta: dict[str, Any], key: str | None, check_key: bool = True,
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """Record a reported stage (``stage.seq`` next) as the API shows it; a known ``key`` returns the
+        stage it recorded.  ``check_key=False``: the caller knows the key is new (no look-up)."""
+        doc = stage_to_doc(stage)
+        doc["meta"] = {**meta, **doc["meta"]}
+        doc.update(kind=RECORDED, op=op, undo=inverse.to_doc(), add_key=key)
+        try:
+            stored, created = await self._insert_stage(saga_id, epoch, doc, event, key=key, check_key=check_key)
+        except UNSTORABLE as exc:  # what validation let through still never reaches the caller as a crash
+            raise unstorable(exc, "<stage>") from None
+        return stage_json(stored), created
+
     # -- transactions ------------------------------------------------------------------------
     async def _txn(self, saga_id: str, body: Callable[[AsyncClientSession], Awaitable[Any]]) -> Any:
         return await self.store.in_transaction(saga_id, body, "checkpoint of recorded saga")
@@ -155,14 +197,9 @@ class RecordedStore:
         return await self._txn(saga_id, body)
 
     # -- stages ------------------------------------------------------------------------------
-    async def add_stage(
-        self, saga_id: str, epoch: int, stage: dict[str, Any], event: Event, *, key: str | None,
-        check_key: bool = True,
+    async def _insert_stage(
+        self, saga_id: str, epoch: int, stage: dict[str, Any], event: Event, *, key: str | None, check_key: bool
     ) -> tuple[dict[str, Any], bool]:
-        """Record a reported stage (``stage['seq']`` next); a known ``key`` returns the stage it recorded.
-
-        ``check_key=False``: the caller knows the key is new (it just made it up), so no look-up.
-        """
 
         async def body(session: AsyncClientSession) -> tuple[dict[str, Any], bool]:
             if key is not None and check_key:

@@ -234,10 +234,12 @@ def test_a_function_local_import_is_still_an_edge(tmp_path: Path) -> None:
     [
         ("import essential.actors.client.ray_client", ("pymongo", "aiokafka", "essential.actors.sagas")),
         ("from essential import Job, StepContext, StepFailed", ("ray", "pymongo", "aiokafka")),
+        ("import essential.actors.sagas.sweep", ("ray", "aiokafka")),
     ],
 )
 def test_importing_the_client_or_the_dsl_stays_light(statement: str, not_loaded: tuple[str, ...]) -> None:
-    """The client needs only Ray; a job module that imports the DSL pulls in no infrastructure."""
+    """The client needs only Ray; a job module that imports the DSL pulls in no infrastructure; the
+    supervisor's sweep runs without Ray (tests/test_sweep.py drives it in process)."""
     probe = f"import sys\n{statement}\nprint(','.join(m for m in {not_loaded!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"{statement} loaded {out.stdout.strip()}"

@@ -82,20 +82,30 @@ async def send_command(
         # the saga's trace, a span of its own per command (stable across re-sends)
         traceparent=child_span(ctx.traceparent, f"{ctx.saga_id}:{ctx.seq}:{kind}"),
     )
+    return await queue_command(command, topic)
+
+
+async def queue_command(command: ParticipantCommand, topic: str, db: AsyncDatabase | None = None) -> dict[str, Any]:
+    """Queue ``command`` for the gateway to relay to ``topic`` (once per ``(saga, seq, kind)``); returns its row.
+
+    Shared by Kafka steps and by recorded sagas' remote undos, so both speak to participants the same way.
+    """
     return await command_outbox.enqueue(
-        _db(),
-        saga_id=ctx.saga_id,
-        seq=ctx.seq,
-        kind=kind,
+        db if db is not None else _db(),
+        saga_id=command.saga,
+        seq=command.seq,
+        kind=command.kind,
         topic=topic,
         body=command.model_dump(mode="json", by_alias=True),
-        headers={"correlation_id": ctx.correlation_id or "", "traceparent": command.traceparent or ""},
+        headers={"correlation_id": command.correlation_id or "", "traceparent": command.traceparent or ""},
     )
 
 
-async def wait_for_reply(saga_id: str, seq: int, kind: Kind, deadline: datetime) -> dict[str, Any] | None:
+async def wait_for_reply(
+    saga_id: str, seq: int, kind: Kind, deadline: datetime, db: AsyncDatabase | None = None
+) -> dict[str, Any] | None:
     """Poll the inbox until the reply is there (returned) or ``deadline`` passes (None)."""
-    db = _db()
+    db = db if db is not None else _db()
     cap = get_settings().participant_poll_interval
     delay = 0.02
     while True:

@@ -52,7 +52,7 @@ async def drive(
         logs.configure(getattr(conf, "log_format", "kv"), getattr(conf, "log_level", "INFO"))
         observer = SagaMetrics(forward=forward_metrics, namespace=conf.namespace, on_event=logs.saga_event)
         observer.prepare()
-        # a recorded saga (start/add/commit/abort) is hosted by essential.actors.sagas.recorded_runner, not the job
+        # a recorded saga (start/add/commit/abort) is hosted by essential.actors.sagas.recorded_hosting, not the job
         # runner; imported only when it may be one (a dedicated process pays every import itself)
         if not orchestrated:
             from essential.actors.sagas.recorded_hosting import drive_recorded, is_recorded

@@ -5,11 +5,12 @@ import asyncio
 from collections import OrderedDict
 from typing import Any
 
-from essential.actors.sagas.recorded_runner import RecordedRunner
+from essential.actors.sagas.recorded_undo import RecordedUndoer
 from essential.actors.sagas.runtime import Runtime
 from essential.orchestration.recorded import (
     RECORDED,
 )
+from essential.orchestration.recorded_runner import RecordedPolicy, RecordedRunner
 from essential.persistence.recorded_store import (
     RecordedStore,
 )
@@ -41,7 +42,15 @@ async def drive_recorded(
     observer: Any = None,
 ) -> None:  # fmt: skip
     """Host the open saga until it ends (called by :func:`essential.actors.sagas.hosting.drive`; its caller handles errors)."""
-    runner = RecordedRunner(saga_id, runtime, owner, observer)
+    conf = runtime.settings
+    store = RecordedStore(runtime.store)
+    policy = RecordedPolicy(
+        database=conf.database, buckets=conf.recorded_buckets, db_prefix=conf.recorded_db_prefix,
+        databases=conf.recorded_databases, ttl_grace=conf.ttl_grace, undo_pause=conf.recorded_undo_pause,
+    )  # fmt: skip
+    runner = RecordedRunner(
+        saga_id, store=store, undo=RecordedUndoer(store, conf), policy=policy, owner=owner, observer=observer
+    )
     runners[saga_id] = runner  # the supervisor's abort notices (and TTL expiry) reach it from here on
     if saga_id in pending_aborts:
         runner.request_abort(pending_aborts.pop(saga_id))

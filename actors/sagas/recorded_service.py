@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from essential.actors.expiring import ExpiringMap
-from essential.actors.sagas.recorded_runner import CACHE_IDLE, DATABASE_CHECK_IDLE, UNSTORABLE, corrupt, unstorable
 from essential.actors.sagas.runtime import Runtime
 from essential.orchestration import (
     EssentialError,
@@ -19,7 +18,15 @@ from essential.orchestration import (
     SagaState,
     SystemClock,
 )
-from essential.orchestration.errors import InvalidField, SagaIdReused, StoreUnavailable, TooManyOpenSagas, envelope
+from essential.orchestration.errors import (
+    CorruptDocument,
+    InvalidField,
+    SagaIdReused,
+    StoreUnavailable,
+    TooManyOpenSagas,
+    envelope,
+    field_problems,
+)
 from essential.orchestration.recorded import (
     RECORDED,
     AddStage,
@@ -37,14 +44,29 @@ from essential.orchestration.recorded import (
 from essential.orchestration.states import TERMINAL_STATES
 from essential.persistence.documents import saga_from_doc
 from essential.persistence.recorded_store import (
+    UNSTORABLE,
     RecordedStore,
     saga_json,
     saga_query,
     stage_json,
     stage_query,
+    unstorable,
 )
 
 log = logging.getLogger("essential.recorded")
+
+#: seconds an unused entry of the service's caches (the job of an open saga) is kept
+CACHE_IDLE = 600.0
+#: seconds the service trusts what it learnt about a database (does it hold an Essential deployment?)
+DATABASE_CHECK_IDLE = 60.0
+
+
+def corrupt(what: str, exc: Exception) -> CorruptDocument:
+    if isinstance(exc, ValidationError):
+        reason = "; ".join(f"{field}: {why}" for field, why in field_problems(exc, "", limit=3))
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return CorruptDocument(what, reason)
 
 class RecordedService:
     """Start, route and read recorded sagas (runs in the supervisor actor).

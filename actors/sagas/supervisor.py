@@ -1,31 +1,30 @@
 """The supervisor: the control plane every client talks to, and the sweeper.
 
 Clients only need Ray: start/abort/status/list go through this singleton actor,
-which validates requests, writes the saga and creates its ``SagaActor``.  Its
-periodic sweep restores sagas whose actor died, aborts sagas past their TTL,
-and admits pending sagas while live saga actors are under the limit.
+which validates requests, writes the saga and places it.  Its periodic sweep
+(:class:`~essential.actors.sagas.sweep.Sweep`, Ray-free) restores sagas whose actor
+died, aborts sagas past their TTL, and admits pending sagas while live saga actors
+are under the limit.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import traceback
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import ray
 
 from essential.actors import metrics, tracing
-from essential.actors.expiring import ExpiringMap
 from essential.actors.names import SUPERVISOR_NAME
 from essential.actors.sagas.placement import Placement
 from essential.actors.sagas.runtime import Runtime, get_runtime
+from essential.actors.sagas.sweep import Sweep
 from essential.actors.sagas.waiters import EndWatch
 from essential.actors.settings import Settings, settings_from
 from essential.orchestration import (
     EssentialError,
-    Event,
-    EventType,
     IdempotencyKeyReused,
     InvalidRequest,
     Saga,
@@ -35,16 +34,11 @@ from essential.orchestration import (
     build_saga,
 )
 from essential.orchestration.errors import envelope
-from essential.orchestration.lifecycle import check_transition, parking
 from essential.orchestration.requests import same_request
 from essential.orchestration.signals import SignalRequest
-from essential.orchestration.states import ACTIVE_STATES, HOLDING_AN_ACTOR, TERMINAL_STATES
+from essential.orchestration.states import TERMINAL_STATES
 
 log = logging.getLogger("essential.supervisor")
-
-#: most active sagas one sweep judges, and pending sagas it reads beyond the free slots
-SWEEP_ACTIVE, SWEEP_PENDING = 5000, 500
-
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class Supervisor:
@@ -54,15 +48,10 @@ class Supervisor:
         self.placement = Placement(settings_from(settings), settings)
         self._loop_task: asyncio.Task | None = None
         self._runtime: Runtime | None = None
-        self._sweeps = 0
-        self._killed: dict[str, int] = {}  # saga id -> lease epoch of the actor we killed
         self._last_sweep_at: str | None = None
         self._last_error: str | None = None
         self._end_watch: EndWatch | None = None
-        self._backlog = False  # pending sagas wait for a dedicated slot
-        # saga id -> the lowest lease epoch a run of it can now hold (set when this supervisor resumes,
-        # aborts or restores it): an end notice from below is a late one of an earlier run
-        self._epoch_floor: Any = ExpiringMap(max_entries=100_000, idle=3600.0)
+        self.sweeper = Sweep(self.placement, settings_from(settings), self.clock, metrics)
         # sweep from the start, also after Ray restarts this actor on another node:
         # recovery must not wait for a client to call
         self._boot = asyncio.get_running_loop().create_task(self._rt())
@@ -73,6 +62,7 @@ class Supervisor:
     async def _rt(self) -> Runtime:
         if self._runtime is None:
             self._runtime = await get_runtime(self.settings)
+            self.sweeper.bind(self._runtime.store)
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._sweep_forever())
         return self._runtime
@@ -98,7 +88,7 @@ class Supervisor:
         if created and self.placement.has_room(saga.job):
             self.placement.launch(saga.id, saga.job, orchestrated=True)
         elif created:
-            self._backlog = True  # admitted when a slot frees
+            self.sweeper.backlog = True  # admitted when a slot frees
         return {"saga": saga.model_dump(mode="json"), "created": created}
 
     @ray.method(max_task_retries=0)
@@ -115,9 +105,9 @@ class Supervisor:
         supervisor that is gone; a lost notice is covered by the sweep and the end watch's poll."""
         ended = Saga.model_validate(saga) if saga is not None else None
         ran_at = ended.lease.epoch if ended is not None else epoch
-        if ran_at is not None and ran_at < self._epoch_floor.get(saga_id, 0):
+        if ran_at is not None and ran_at < self.sweeper.epoch_floor.get(saga_id, 0):
             return
-        self._epoch_floor.pop(saga_id, None)
+        self.sweeper.epoch_floor.pop(saga_id, None)
         if ended is not None and self._end_watch is not None:
             if ended.state.ended:
                 self._end_watch.resolve(saga_id, ended)
@@ -126,15 +116,15 @@ class Supervisor:
         recorded = getattr(self, "_recorded_service", None)
         if recorded is not None:  # its cached handle and job are of no use once the saga left its actor
             recorded.forget(saga_id)
-        self._killed.pop(saga_id, None)
-        if not (held_a_slot and self._backlog):
+        self.sweeper.killed.pop(saga_id, None)
+        if not (held_a_slot and self.sweeper.backlog):
             return
         rt = await self._rt()
         free = self.placement.slots_free()
         if free <= 0:
             return
         waiting = await rt.store.list_by_states([SagaState.PENDING], oldest_first=True, limit=free)
-        self._backlog = len(waiting) >= free  # maybe more behind them
+        self.sweeper.backlog = len(waiting) >= free  # maybe more behind them
         for pending in waiting:
             if self.placement.has_room(pending.job) and pending.id not in self.placement.live:
                 self.placement.launch(pending.id, pending.job)
@@ -176,7 +166,7 @@ class Supervisor:
             saga = await rt.store.request_abort(saga_id, reason)
         except EssentialError as exc:
             return envelope(exc)
-        self._epoch_floor[saga.id] = saga.lease.epoch  # a parked saga aborted is a new run
+        self.sweeper.epoch_floor[saga.id] = saga.lease.epoch  # a parked saga aborted is a new run
         if saga.state not in TERMINAL_STATES:
             if saga_id in await self.placement.running({saga_id: saga.job}):
                 await self.placement.notify_abort(saga_id, saga.job, reason)
@@ -207,7 +197,7 @@ class Supervisor:
         if task is not None and not task.done():
             where = "".join(traceback.format_stack(task.get_stack()[-1])) if task.get_stack() else ""
         return {
-            "sweeps": self._sweeps,
+            "sweeps": self.sweeper.sweeps,
             "last_sweep_at": self._last_sweep_at,
             "last_error": self._last_error,
             "live": len(self.placement.live),
@@ -234,142 +224,10 @@ class Supervisor:
             await asyncio.sleep(interval)
 
     async def sweep(self) -> dict[str, int]:
-        """One round: forget finished sagas, expire TTLs, restore orphans, admit pending, prune."""
-        rt = await self._rt()
-        store, conf, place = rt.store, rt.settings, self.placement
-        self._sweeps += 1
-        counts = {"restored": 0, "expired": 0, "admitted": 0, "parked": 0, "killed": 0, "pruned": 0}
-        seen_at = place.launch_seq  # sagas launched after this are not in what is read next
-        # bounded reads: the least recently updated active sagas (orphans are among them), and the oldest
-        # pending ones — enough to fill the free slots and to expire those past their TTL
-        active = {s.id: s for s in await store.list_by_states(sorted(ACTIVE_STATES), stalest_first=True, limit=SWEEP_ACTIVE)}
-        pending = await store.list_by_states(
-            [SagaState.PENDING], oldest_first=True, limit=max(place.slots_free(), 0) + SWEEP_PENDING
-        )
-        held = await store.states(list(place.live)) if place.live else {}
-        unfinished = {sid for sid, state in held.items() if state in HOLDING_AN_ACTOR}
-        await self._forget_finished(unfinished | place.launched_since(seen_at))
-        now = datetime.now(timezone.utc)
-        alive = await place.running({sid: s.job for sid, s in active.items()})
-        # orphans' open transactions would block every write below (abort, restore count, lease)
-        await asyncio.gather(*(store.reclaim(sid) for sid in active if sid not in alive))
-
-        for saga in active.values():
-            if saga.deadline > now or saga.state != SagaState.RUNNING:
-                continue
-            if not saga.abort_requested:
-                reason = f"ttl of {saga.ttl:g}s expired"
-                await store.request_abort(saga.id, reason)
-                await place.notify_abort(saga.id, saga.job, reason)
-                counts["expired"] += 1
-            elif (
-                saga.id in alive
-                and (now - saga.deadline).total_seconds() > conf.ttl_grace
-                and (now - saga.updatedAt).total_seconds() > conf.ttl_grace
-                and self._killed.get(saga.id) != saga.lease.epoch
-            ):
-                # the step ignores cancellation (blocking code): replace its actor, once per lease
-                self._killed[saga.id] = saga.lease.epoch
-                await asyncio.to_thread(place.replace, saga.id, saga.job)
-                alive.discard(saga.id)
-                counts["killed"] += 1
-
-        for saga in active.values():
-            if (
-                saga.state == SagaState.COMPENSATING
-                and saga.id in alive
-                and (now - saga.updatedAt).total_seconds() > conf.hung_after
-                and self._killed.get(saga.id) != saga.lease.epoch
-                and not await place.responsive(saga.id, saga.job)
-            ):
-                # a compensation blocking its process (it has no TTL to cut it): replace it, once per
-                # lease; the restored runner re-runs the open compensation under the same key
-                self._killed[saga.id] = saga.lease.epoch
-                await asyncio.to_thread(place.replace, saga.id, saga.job)
-                alive.discard(saga.id)
-                counts["killed"] += 1
-
-        for saga_id, saga in active.items():
-            if saga_id in alive:
-                place.adopt(saga_id, saga.job)
-                continue
-            collateral = place.lost_with_its_host(saga_id)  # read before forget() drops what it knows
-            place.forget({saga_id})
-            if not place.has_room(saga.job):
-                continue
-            if not collateral and await store.note_restore(saga_id) > conf.max_restore_attempts:
-                await self._park(saga_id, f"restored {conf.max_restore_attempts} times without progress")
-                counts["parked"] += 1
-                continue
-            self._epoch_floor[saga_id] = saga.lease.epoch + 1  # the restored run takes the next lease
-            place.launch(saga_id, saga.job)
-            counts["restored"] += 1
-            metrics.saga_restored(saga.job)
-
-        waiting = {s.id: s.job for s in pending}
-        running = await place.running(waiting)
-        place.forget({sid for sid in waiting if sid not in running})  # launched, but died before starting
-        for saga in pending:
-            if saga.id in running:
-                place.adopt(saga.id, saga.job)
-                continue
-            if saga.deadline <= now:  # its TTL ran out while it queued: it ends without running
-                counts["expired"] += await self._expire_pending(saga)
-                continue
-            if not place.has_room(saga.job):
-                self._backlog = True
-                continue
-            place.launch(saga.id, saga.job)
-            counts["admitted"] += 1
-
-        # a safety net for wake-ups that never landed, then waiting sagas whose signal/timer/child/lock came
-        settle = timedelta(seconds=max(10.0, 5 * conf.supervisor_interval))
-        counts["stranded"] = await store.wake_stranded(now, settle)
-        counts["woken"] = await self._wake_due(now)
-
-        if self._sweeps % 30 == 1:
-            counts["pruned"] = await store.prune(now - timedelta(seconds=conf.retention))
-            if conf.history_retention > 0:
-                counts["deleted"] = await store.delete_history(now - timedelta(seconds=conf.history_retention))
-        counts["live"] = len(place.live)
-        await metrics.observe_sweep(store, place, sum(1 for s in pending if s.id not in place.live))
-        return counts
-
-    async def _forget_finished(self, unfinished: set[str]) -> None:
-        """Drop finished sagas from the live sets once nothing runs them any more."""
-        gone = await self.placement.let_go(unfinished)
-        for sid in gone:
-            self._killed.pop(sid, None)
-
-    async def _expire_pending(self, saga: Saga) -> int:
-        """A pending saga past its TTL: aborted under a lease of its own (it has no stages to undo)."""
-        rt = await self._rt()
-        leased = await rt.store.acquire_lease(saga.id, "supervisor")
-        if leased.state != SagaState.PENDING:  # a runner got there first
-            await rt.store.release(saga.id)
-            return 0
-        reason = f"ttl of {leased.ttl:g}s expired before the saga was admitted"
-        now = self.clock.now()
-        check_transition(leased.state, SagaState.ABORTED)
-        event = Event.of(leased, EventType.ABORTED, at=now, state=SagaState.ABORTED, reason=reason)
-        fields = {"state": SagaState.ABORTED, "error": reason, "aborted_at": now, "updatedAt": now}
-        await rt.store.transition(saga.id, leased.lease.epoch, fields, [event])
-        metrics.saga_expired(leased.model_copy(update={"updatedAt": now}))
-        log.warning("saga %s: %s", saga.id, reason)
-        return 1
-
-    async def _park(self, saga_id: str, reason: str) -> None:
-        """Needs a person: fenced like any writer, so a late actor cannot undo it."""
-        rt = await self._rt()
-        saga = await rt.store.acquire_lease(saga_id, "supervisor")
-        if saga.state.terminal:  # it ended meanwhile: nothing to park
-            await rt.store.release(saga_id)
-            return
-        fields, event = parking(saga, reason, self.clock.now())
-        await rt.store.transition(saga_id, saga.lease.epoch, fields, [event])
-        await rt.store.release(saga_id)
-        log.error("saga %s parked: %s", saga_id, reason)
-        metrics.saga_parked(saga.job)
+        """One round of the sweep (:class:`~essential.actors.sagas.sweep.Sweep`): forget finished sagas,
+        expire TTLs, restore orphans, admit pending, prune; returns its counts."""
+        await self._rt()
+        return await self.sweeper.run()
 
     async def resume(self, saga_id: str) -> dict[str, Any]:
         """Operator: give a parked saga another go from its last checkpoint."""
@@ -378,7 +236,7 @@ class Supervisor:
             saga = await rt.store.resume(saga_id)
         except EssentialError as exc:
             return envelope(exc)
-        self._epoch_floor[saga.id] = saga.lease.epoch
+        self.sweeper.epoch_floor[saga.id] = saga.lease.epoch
         if self.placement.has_room(saga.job):  # else the sweep restores it once a slot frees
             self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json")}
@@ -398,17 +256,6 @@ class Supervisor:
             if saga.id not in self.placement.live and self.placement.has_room(saga.job):
                 self.placement.launch(saga.id, saga.job)
         return {"saga": saga.model_dump(mode="json"), "delivered": created}
-
-    async def _wake_due(self, now: datetime) -> int:
-        """Relaunch waiting sagas that are due (they hold no actor while they wait)."""
-        rt = await self._rt()
-        woken = 0
-        for saga in await rt.store.list_due(now):
-            if saga.id in self.placement.live or not self.placement.has_room(saga.job):
-                continue
-            self.placement.launch(saga.id, saga.job)
-            woken += 1
-        return woken
 
     # -- recorded sagas: start / add / commit / abort and their reads ---------------------
     async def recorded(self, op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
