@@ -660,8 +660,8 @@ async def test_the_services_caches_stay_bounded(deployment: Any) -> None:
         return all([(await store.get(s.id)).state == SagaState.ABORTED for s in sagas])
 
     await poll(all_aborted, timeout=120, what="the sagas to end")
-    sizes = await client.supervisor.__ray_call__.remote(
-        lambda sup: {name: len(getattr(sup._recorded_service, name)) for name in ("_handles", "_open")}
+    sizes = await client.supervisor.__ray_call__.remote(  # the actor handles are the placement's, the jobs the service's
+        lambda sup: {"handles": len(sup.placement._recorded_handles), "open": len(sup._recorded_service._open)}
     )
     assert max(sizes.values()) <= 3, sizes
 
