@@ -1,4 +1,4 @@
-"""Essential's domain: models, the job DSL and registry, the saga runner.
+"""Essential's domain: models, the lifecycle table, the job DSL and registry, both saga runners.
 
 No Ray, PyMongo or aiokafka here (tests/test_layers.py enforces it).
 """
