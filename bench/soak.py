@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 def _environment(home: Path, placement: str, max_live: int) -> None:
     """Everything the stack and every Ray worker it starts will read: a fresh home, free ports, the placement."""
     from essential.actors.dev.mongodb import free_port
+    from essential.actors.dev.stack import DEMO_JOB_MODULES
 
     os.environ.update({
         "ESSENTIAL_HOME": str(home),
+        "ESSENTIAL_JOB_MODULES": DEMO_JOB_MODULES,  # the traffic is the example jobs'
+
         "ESSENTIAL_PLACEMENT": placement,
         "ESSENTIAL_MAX_LIVE_SAGAS": str(max_live),
         "ESSENTIAL_MONGODB_PORT": str(free_port()),
