@@ -216,6 +216,23 @@ def get_settings() -> Settings:
     return Settings()
 
 
+#: the deployment whose sagas this process runs (set by the saga runtime), for job code
+_deployment: Settings | None = None
+
+
+def deployment_settings() -> Settings:
+    """The settings job code should reach its services with: in a saga process, those of the
+    deployment whose sagas it runs (sent by the supervisor, whatever the worker's environment
+    says); anywhere else, the environment's (:func:`get_settings`)."""
+    return _deployment if _deployment is not None else get_settings()
+
+
+def run_under(settings: Settings) -> None:
+    """This process runs sagas of ``settings``' deployment: :func:`deployment_settings` returns them."""
+    global _deployment
+    _deployment = settings
+
+
 def settings_from(data: dict[str, Any] | Settings | None) -> Settings:
     """Settings sent to an actor as a dict (actors receive JSON-safe arguments); None reads the environment."""
     if isinstance(data, Settings):

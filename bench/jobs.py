@@ -6,12 +6,12 @@ at the last step, so three compensations run.
 """
 from __future__ import annotations
 
-import os
 
 from pydantic import BaseModel
 from pymongo.errors import DuplicateKeyError
 
 from essential.orchestration import NO_RETRY, Job, StepContext, StepFailed
+from essential.actors.settings import deployment_settings
 from essential.persistence.connection import shared_client
 
 BENCH_DB = "essential_bench_services"
@@ -24,7 +24,7 @@ class OrderLoad(BaseModel):
 
 
 def _db():
-    return shared_client(os.environ["ESSENTIAL_MONGODB_URI"])[BENCH_DB]
+    return shared_client(deployment_settings().mongodb_uri)[BENCH_DB]
 
 
 async def _apply(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:

@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     # the client
     **dict.fromkeys(["EssentialClient", "stop_deployment"], "essential.actors.client.ray_client"),
     # configuration, and MongoDB for a job's own services
-    **dict.fromkeys(["Settings", "get_settings"], "essential.actors.settings"),
+    **dict.fromkeys(["Settings", "get_settings", "deployment_settings"], "essential.actors.settings"),
     "shared_client": "essential.persistence.connection",
 }  # fmt: skip
 
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from essential.actors.kafka.participant_protocol import ParticipantCommand, ParticipantReply
     from essential.actors.kafka.participants import kafka_step
     from essential.actors.kafka.topics import ensure_topics
-    from essential.actors.settings import Settings, get_settings
+    from essential.actors.settings import Settings, deployment_settings, get_settings
     from essential.orchestration.clock import Clock, ManualClock, SystemClock
     from essential.orchestration.dsl import NO_RETRY, CompensateFn, Job, Lock, RetryPolicy, Step, StepContext, StepFn
     from essential.orchestration.errors import (

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from essential.actors.settings import Settings, settings_from
+from essential.actors.settings import Settings, run_under, settings_from
 from essential.orchestration import JobRegistry
 from essential.persistence.connection import shared_client
 from essential.persistence.store import MongoSagaStore
@@ -51,6 +51,7 @@ async def get_runtime(settings: dict[str, Any] | Settings | None = None, *, ensu
     runtime = _runtimes.get(key)
     if runtime is None:
         store = MongoSagaStore(shared_client(resolved.mongodb_uri), resolved.database)
+        run_under(resolved)  # job code reaches the deployment's MongoDB, not whatever the worker's environment names
         registry = JobRegistry.from_modules(resolved.job_modules)
         runtime = Runtime(settings=resolved, registry=registry, store=store)
         _runtimes[key] = runtime

@@ -16,7 +16,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import CollectionInvalid, OperationFailure
 
-from essential import get_settings, shared_client
+from essential import deployment_settings, shared_client
 
 PREFIX_ENV = "ESSENTIAL_EXAMPLES_DB_PREFIX"
 SERVICE_DATABASES = ("inventory", "financial", "billing", "notify", "logistic", "users", "sales")
@@ -30,7 +30,7 @@ def prefix() -> str:
 
 def client() -> AsyncMongoClient:
     """The process's shared client for the configured MongoDB (one pool per event loop)."""
-    return shared_client(get_settings().mongodb_uri)
+    return shared_client(deployment_settings().mongodb_uri)
 
 
 def database_name(service: str) -> str:
