@@ -158,13 +158,14 @@ def actor_node(handle: Any) -> tuple[str, str, int]:
     return info["Address"]["NodeID"], info["State"], info["NumRestarts"]
 
 
-def supervisor_on(node_id: str, settings: Any, attempts: int = 12) -> tuple[Any, int]:
+def supervisor_on(node_id: str, settings: Any, attempts: int = 30) -> tuple[Any, int]:
     """Create the supervisor (as ``get_supervisor`` does) on the node ``node_id``; a test's arrangement.
 
     Its options are the real ones plus a *soft* node affinity, so that once its
     node is lost Ray may restart it anywhere.  Ray treats a soft affinity as a
-    hint only, so a supervisor that lands elsewhere is replaced before it has
-    done anything.
+    hint only (a node the local scheduler has not heard of yet counts as absent),
+    so a supervisor that lands elsewhere is replaced, a second later, before it
+    has done anything.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -172,6 +173,7 @@ def supervisor_on(node_id: str, settings: Any, attempts: int = 12) -> tuple[Any,
     from essential.actors.names import SUPERVISOR_NAME
     from essential.actors.sagas.supervisor import Supervisor
 
+    wait_for(lambda: any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()), 60, f"node {node_id} alive")
     for attempt in range(1, attempts + 1):
         handle = Supervisor.options(
             name=SUPERVISOR_NAME,
@@ -193,6 +195,7 @@ def supervisor_on(node_id: str, settings: Any, attempts: int = 12) -> tuple[Any,
             return False
 
         wait_for(name_free, 30, "the misplaced supervisor to go")
+        time.sleep(1.0)  # let the cluster's resource view reach the scheduler before the next try
     raise RuntimeError(f"the supervisor never landed on node {node_id} in {attempts} attempts")
 
 

@@ -113,8 +113,9 @@ def _add_local(job: Job, step_name: str, *, timeout: float = 10.0, retry: RetryP
     step.compensation(undo)
 
 
+# a TTL longer than any test waits: expiry is tested with short explicit TTLs
 def _chain(
-    name: str, steps: list[str], *, timeout: float = 10.0, ttl: float = 60.0, retry: RetryPolicy | None = None
+    name: str, steps: list[str], *, timeout: float = 10.0, ttl: float = 600.0, retry: RetryPolicy | None = None
 ) -> Job:
     job: Job[Knobs] = Job(name, payload=Knobs, ttl=ttl)
     for step_name in steps:
@@ -303,3 +304,23 @@ def _two_locks_job() -> Job:
 
 
 lock_two = _two_locks_job()
+
+
+def _where_job() -> Job:
+    """Records the deployment its step believes it runs under, to prove job code is told, not guessing."""
+    from essential import deployment_settings
+
+    job: Job[Knobs] = Job("test:where", payload=Knobs, ttl=600)
+
+    @job.step(bucket="test.where", action="read")
+    async def look(ctx: StepContext[Knobs]) -> dict:
+        seen = deployment_settings()
+        await _db().calls.insert_one(
+            {"saga": ctx.saga_id, "step": "look", "database": seen.database, "namespace": seen.namespace}
+        )
+        return {"database": seen.database}
+
+    return job
+
+
+where = _where_job()

@@ -213,3 +213,14 @@ async def test_bad_start_request_is_refused_and_creates_nothing(
         await call(client.start, job, payload, **request_kw)
     assert says in str(info.value)
     assert await store.sagas.count_documents({}) == before
+
+
+async def test_job_code_is_told_the_deployment_whose_saga_it_runs(deployment: Any, mongo: Any, settings: Any) -> None:
+    """A Ray worker's environment may name another deployment's database (or a server long gone):
+    a step asks ``deployment_settings()`` and gets the settings the supervisor sent, never the environment's."""
+    client, _ = await deployment("essential_where")
+    assert settings.database != "essential_where", "the test's own environment names another database"
+    saga = await run_saga(client, "test:where", {})
+    assert saga.state == SagaState.COMPLETED, saga.error
+    seen = await mongo[JOBS_DB].calls.find_one({"saga": saga.id, "step": "look"})
+    assert (seen["database"], seen["namespace"]) == ("essential_where", "essential_where")
