@@ -14,8 +14,6 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# (the suite prints its 25 slowest tests: the whole must stay well under 30 minutes)
-
 # Every Ray worker (a dedicated saga actor is one process per saga) imports the project anew; with
 # PYTHONDONTWRITEBYTECODE set (common in containers) each would compile it from source. Up-to-date
 # .pyc files are read even then, so write them once here (a no-op when nothing changed).
@@ -25,6 +23,7 @@ bytecode: $(STAMP)
 demo: bytecode
 	$(BIN)/essential demo
 
+# the suite prints its 25 slowest tests: the whole must stay well under 30 minutes
 test: bytecode
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
