@@ -1,4 +1,4 @@
-"""Saga throughput, latency and memory: baseline vs naive vs dedicated vs shared vs pooled, in one run.
+"""Saga throughput, latency and memory: a hand-written saga log vs Essential's runner and placements, in one run.
 
     python -m bench.saga_bench            # or: make bench
 
@@ -6,7 +6,11 @@ Workload: the 4-step order saga of ``bench/jobs.py``, one transactional
 MongoDB write per step, 10 % failing at the last step (three compensations).
 Modes, each against a fresh embedded MongoDB (``--sync-on-commit``) in the same run:
 
-* baseline  – the same runner and store in this asyncio process, no Ray: the storage limit;
+* saga-log  – a hand-written saga log on the same server (bench/saga_log.py): one transaction per
+              step (stage insert + saga update), no Essential; what a saga costs on this storage,
+              and the reference of every ratio;
+* baseline  – Essential's runner and store in this asyncio process, no Ray (not a reference: it
+              carries the same per-saga cost as Essential);
 * baseline-unfolded – the same, with ``fold_checkpoints`` off (two transactions per step);
 * naive     – a fresh Ray actor per saga that opens its own client, imports the jobs,
               runs the saga and is killed: what "actor per saga" costs done plainly;
@@ -197,6 +201,22 @@ async def run_baseline(uri: str, n: int, concurrency: int, warmup: int, seed: in
     )  # fmt: skip
     await client.close()
     return result
+
+
+# -- the reference: a hand-written saga log on the same server ---------------------------
+async def run_saga_log(uri: str, n: int, concurrency: int, warmup: int, seed: int) -> ModeResult:
+    """What a saga costs on this storage without Essential (bench/saga_log.py): the ratios' reference."""
+    from bench import saga_log
+
+    before = await asyncio.to_thread(server_ops, uri)
+    out = await saga_log.run(uri, payloads(n, seed), concurrency, payloads(warmup, seed + 1), pure=False)
+    ops = ops_per_saga(before, await asyncio.to_thread(server_ops, uri), n + warmup)
+    lat = out["latencies_ms"]
+    return ModeResult(
+        "saga-log", n, concurrency, round(out["wall_s"], 3), round(n / out["wall_s"], 2),
+        round(percentile(lat, 0.5), 1), round(percentile(lat, 0.95), 1), round(percentile(lat, 0.99), 1),
+        out["completed"], out["aborted"], ops,
+    )  # fmt: skip
 
 
 # -- Ray modes ------------------------------------------------------------------------------
@@ -397,8 +417,9 @@ def report(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     from rich.table import Table
 
     console = Console(width=140)
-    base = {r.concurrency: r for r in results if r.mode == "baseline"}
-    table = Table("mode", "sagas", "conc.", "sagas/s", "× baseline", "p50 ms", "p95 ms", "p99 ms", "p50 ×", "p99 ×",
+    reference = "saga-log" if any(r.mode == "saga-log" for r in results) else "baseline"
+    base = {r.concurrency: r for r in results if r.mode == reference}
+    table = Table("mode", "sagas", "conc.", "sagas/s", f"× {reference}", "p50 ms", "p95 ms", "p99 ms", "p50 ×", "p99 ×",
                   "done/aborted", "db ops/saga", "db CPU ms/saga", title="Essential saga benchmark (4-step order saga, 10 % compensating)")  # fmt: skip
     for r in results:
         b = base.get(r.concurrency)
@@ -446,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hosts", type=int, default=8,
         help="host actors of the shared placement (more hosts: fewer sagas per process, less server CPU per saga, ~100 MB each)",
     )  # fmt: skip
-    parser.add_argument("--modes", default="baseline,unfolded,naive,dedicated,shared,pooled")
+    parser.add_argument("--modes", default="saga-log,baseline,unfolded,naive,dedicated,shared,pooled")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument(
@@ -475,13 +496,18 @@ def main(argv: list[str] | None = None) -> int:
             return server
 
         c = args.concurrency
+        if "saga-log" in modes:  # the reference every ratio is taken against
+            with fresh("saga-log") as mongo:
+                results.append(asyncio.run(run_saga_log(mongo.uri, args.sagas, c, warmup=20, seed=args.seed)))
+                results.append(asyncio.run(run_saga_log(mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed)))
         if "baseline" in modes:
             with fresh("baseline") as mongo:
-                results.append(asyncio.run(run_baseline(mongo.uri, args.sagas, c, warmup=20, seed=args.seed)))
+                baseline = asyncio.run(run_baseline(mongo.uri, args.sagas, c, warmup=20, seed=args.seed))
+                results.append(baseline)
                 results.append(asyncio.run(run_baseline(mongo.uri, max(args.sagas // 4, 20), 1, warmup=5, seed=args.seed)))
-            figures["MongoDB commands per saga (baseline)"] = results[0].extra["mongo_commands_per_saga"]
-            figures["checkpoint transactions per step"] = results[0].extra["checkpoint_transactions_per_step"]
-            figures["share of saga time in checkpoints (baseline)"] = results[0].extra["checkpoint_share"]
+            figures["MongoDB commands per saga (baseline)"] = baseline.extra["mongo_commands_per_saga"]
+            figures["checkpoint transactions per step"] = baseline.extra["checkpoint_transactions_per_step"]
+            figures["share of saga time in checkpoints (baseline)"] = baseline.extra["checkpoint_share"]
         if "unfolded" in modes:  # the same baseline with two transactions per step (fold_checkpoints off)
             with fresh("unfolded") as mongo:
                 # half the sagas: its ratio is steady, and `make bench` must stay under 5 minutes
