@@ -1,21 +1,29 @@
-"""The benchmark workload: a 4-step order saga whose last step fails for every tenth order.
+"""The benchmark workloads: a 4-step order saga whose last step fails for every tenth order.
 
-Each step is one transactional MongoDB write keyed by the step's idempotency
-key (a ledger row plus a counter), like a real service; 10 % of the sagas fail
-at the last step, so three compensations run.
+Two variants of one saga, so that the orchestration's own cost can be told from the steps':
+
+* ``bench:order-pure`` – each step is pure computation (no I/O): what the saga costs is what
+  the orchestrator costs;
+* ``bench:order`` – each step is one transactional MongoDB write keyed by the step's
+  idempotency key (a ledger row plus a counter), like a real service.
+
+10 % of the sagas fail at the last step, so three compensations run and are recorded.
 """
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel
 from pymongo.errors import DuplicateKeyError
 
-from essential.orchestration import NO_RETRY, Job, StepContext, StepFailed
-from essential.actors.settings import deployment_settings
+from essential import NO_RETRY, Job, StepContext, StepFailed, deployment_settings
 from essential.persistence.connection import shared_client
 
 BENCH_DB = "essential_bench_services"
 COUNTERS = 64  # spread counters so sagas do not all conflict on one document
+STEPS = ("reserve", "charge", "invoice", "confirm")
+BUCKETS = {"reserve": "bench.stock", "charge": "bench.wallets", "invoice": "bench.invoices", "confirm": "bench.orders"}
 
 
 class OrderLoad(BaseModel):
@@ -27,7 +35,8 @@ def _db():
     return shared_client(deployment_settings().mongodb_uri)[BENCH_DB]
 
 
-async def _apply(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
+async def _write(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
+    """A ledger row and a counter in one transaction, once per idempotency key."""
     key = f"{'undo:' if sign < 0 else ''}{ctx.idempotency_key}"
     counter = int(ctx.saga_id, 16) % COUNTERS
     db = _db()
@@ -44,46 +53,40 @@ async def _apply(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
     return {"step": step, "key": key}
 
 
-order = Job("bench:order", payload=OrderLoad, ttl=600)
+async def _compute(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
+    """Pure computation: a result derived from the input, no I/O."""
+    return {"step": step, "sign": sign, "key": ctx.idempotency_key}
 
 
-@order.step(bucket="bench.stock", action="update", retry=NO_RETRY)
-async def reserve(ctx: StepContext[OrderLoad]) -> dict:
-    if ctx.payload.hold_s:
-        await __import__("asyncio").sleep(ctx.payload.hold_s)
-    return await _apply(ctx, "reserve", 1)
+Effect = Callable[[StepContext[OrderLoad], str, int], Awaitable[dict]]
 
 
-@reserve.compensation
-async def unreserve(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
-    return await _apply(ctx, "reserve", -1)
+def _order_job(name: str, effect: Effect) -> Job[OrderLoad]:
+    job: Job[OrderLoad] = Job(name, payload=OrderLoad, ttl=600)
+    for step in STEPS:
+
+        async def run(ctx: StepContext[OrderLoad], _step: str = step) -> dict:
+            if _step == "reserve" and ctx.payload.hold_s:
+                await asyncio.sleep(ctx.payload.hold_s)
+            if _step == "confirm" and ctx.payload.fail_last:
+                raise StepFailed("confirmation refused (injected: 10 % of the load)")
+            return await effect(ctx, _step, 1)
+
+        definition = job.step(bucket=BUCKETS[step], action="update", name=step, retry=NO_RETRY)(run)
+        if step != "confirm":  # the last step either fails (nothing to undo) or ends the saga
+
+            async def undo(ctx: StepContext[OrderLoad], _res: dict | None, _step: str = step) -> dict:
+                return await effect(ctx, _step, -1)
+
+            definition.compensation(undo)
+    return job
 
 
-@order.step(bucket="bench.wallets", action="update", retry=NO_RETRY)
-async def charge(ctx: StepContext[OrderLoad]) -> dict:
-    return await _apply(ctx, "charge", 1)
+order = _order_job("bench:order", _write)
+order_pure = _order_job("bench:order-pure", _compute)
 
-
-@charge.compensation
-async def refund(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
-    return await _apply(ctx, "charge", -1)
-
-
-@order.step(bucket="bench.invoices", action="create", retry=NO_RETRY)
-async def invoice(ctx: StepContext[OrderLoad]) -> dict:
-    return await _apply(ctx, "invoice", 1)
-
-
-@invoice.compensation
-async def void(ctx: StepContext[OrderLoad], _res: dict | None) -> dict:
-    return await _apply(ctx, "invoice", -1)
-
-
-@order.step(bucket="bench.orders", action="update", retry=NO_RETRY)
-async def confirm(ctx: StepContext[OrderLoad]) -> dict:
-    if ctx.payload.fail_last:
-        raise StepFailed("confirmation refused (injected: 10 % of the load)")
-    return await _apply(ctx, "confirm", 1)
+#: the workloads by name, as ``make bench`` and the hand-written log know them
+WORKLOADS = {"pure": "bench:order-pure", "mongo": "bench:order"}
 
 
 class Hold(BaseModel):
@@ -96,5 +99,5 @@ hold = Job("bench:hold", payload=Hold, ttl=600)
 @hold.step(bucket="bench.memory", action="read", retry=NO_RETRY)
 async def wait_a_while(ctx: StepContext[Hold]) -> dict:
     """Keeps a saga alive without touching business data (the memory probe)."""
-    await __import__("asyncio").sleep(ctx.payload.hold_s)
+    await asyncio.sleep(ctx.payload.hold_s)
     return {"held_s": ctx.payload.hold_s}

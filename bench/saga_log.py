@@ -9,14 +9,14 @@ events, no placement.  The steps are those of ``bench/jobs.py``'s order saga
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from bson import ObjectId
 
-STEPS = ("reserve", "charge", "invoice", "confirm")
+from bench.jobs import BENCH_DB, COUNTERS, STEPS
+
 DB = "bench_saga_log"
 
 
@@ -24,8 +24,6 @@ async def _step(db_services: Any, saga_id: str, seq: int, step: str, sign: int, 
     """The business effect (the bench's ledger write, or nothing for pure computation)."""
     if pure:
         return {"step": step, "sign": sign}
-    from bench.jobs import COUNTERS
-
     key = f"{'undo:' if sign < 0 else ''}{saga_id}:{seq}"
     counter = int(saga_id, 16) % COUNTERS
 
@@ -38,10 +36,8 @@ async def _step(db_services: Any, saga_id: str, seq: int, step: str, sign: int, 
     return {"step": step, "key": key}
 
 
-async def one_saga(client: Any, fail_last: bool, *, pure: bool) -> tuple[str, float]:
-    """Run one order saga with its log; returns its id and its latency in ms."""
-    from bench.jobs import BENCH_DB
-
+async def one_saga(client: Any, fail_last: bool, *, pure: bool) -> tuple[str, float, str]:
+    """Run one order saga with its log; returns its id, its latency in ms and its final state."""
     log, services = client[DB], client[BENCH_DB]
     started = time.perf_counter()
     saga_id = ObjectId()
@@ -71,38 +67,17 @@ async def one_saga(client: Any, fail_last: bool, *, pure: bool) -> tuple[str, fl
         await record(seq, step, "run", "succeeded", res, {"step": seq, **({"state": "completed"} if final else {})})
         done.append((seq, step))
     else:
-        return sid, (time.perf_counter() - started) * 1000
+        return sid, (time.perf_counter() - started) * 1000, "completed"
     seq = len(STEPS)
     for forward_seq, step in reversed(done):
         seq += 1
         res = await _step(services, sid, forward_seq, step, -1, pure)
         last = forward_seq == done[0][0]
         await record(seq, step, "compensate", "succeeded", res, {"step": seq, **({"state": "aborted"} if last else {})})
-    return sid, (time.perf_counter() - started) * 1000
+    return sid, (time.perf_counter() - started) * 1000, "aborted"
 
 
-async def run(uri: str, payloads: list[dict[str, Any]], concurrency: int, warmup: list[dict[str, Any]], *,
-              pure: bool) -> dict[str, Any]:  # fmt: skip
-    """The batch's wall time, latencies and outcomes (completed, aborted) at ``concurrency`` in flight."""
-    from pymongo import AsyncMongoClient
-
-    client: Any = AsyncMongoClient(uri, tz_aware=True)
+async def prepare(client: Any) -> None:
+    """A fresh log: its collections and the one index it needs (a saga's stages in order)."""
     await client.drop_database(DB)
     await client[DB].stages.create_index([("saga", 1), ("seq", 1)], unique=True)
-    for payload in warmup:
-        await one_saga(client, payload["fail_last"], pure=pure)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def gated(payload: dict[str, Any]) -> tuple[str, float]:
-        async with gate:
-            return await one_saga(client, payload["fail_last"], pure=pure)
-
-    started = time.perf_counter()
-    outcomes = await asyncio.gather(*(gated(p) for p in payloads))
-    wall = time.perf_counter() - started
-    states = [d["state"] async for d in client[DB].sagas.find({"_id": {"$in": [ObjectId(i) for i, _ in outcomes]}})]
-    await client.close()
-    return {
-        "wall_s": wall, "latencies_ms": [ms for _, ms in outcomes], "ids": [i for i, _ in outcomes],
-        "completed": states.count("completed"), "aborted": states.count("aborted"),
-    }  # fmt: skip
