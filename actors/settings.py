@@ -36,10 +36,11 @@ class Settings(BaseSettings):
         32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
     )
     placement: Literal["dedicated", "shared", "pooled"] = Field(
-        "dedicated",
+        "shared",
         description=(
-            "dedicated: one actor per live saga, started for it; shared: sagas run in a pool of host actors; "
-            "pooled: one actor per live saga, taken from a warm pool of max_live_sagas actors and reused"
+            "shared (the fastest, see docs/performance.md): sagas run as tasks in a pool of host actors; "
+            "pooled: one actor per live saga, taken from a warm pool of max_live_sagas actors and reused; "
+            "dedicated: one actor per live saga, started for it (full process isolation, a process start per saga)"
         ),
     )
     shared_jobs: list[str] = Field(default_factory=list, description="jobs placed shared even when placement is dedicated")

@@ -66,7 +66,7 @@ def render(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=200)
+    console = Console(width=200, record=True)
     references = {(r.workload, r.concurrency): r for r in results if r.mode == REFERENCE}
     for workload in dict.fromkeys(r.workload for r in results):
         table = Table(
@@ -110,5 +110,6 @@ def render(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"saga_bench_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=2))
-    console.print(f"command: {command}\nrecord written to {path}")
+    console.print(f"command: {command}\nrecord written to {path} (the tables: {path.with_suffix('.txt').name})")
+    path.with_suffix(".txt").write_text(console.export_text())
     return record

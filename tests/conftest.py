@@ -55,6 +55,9 @@ def essential_env(mongo_uri: str, kafka: Any) -> dict[str, str]:
         "ESSENTIAL_SUPERVISOR_INTERVAL": "0.5",
         "ESSENTIAL_TTL_GRACE": "1",
         "ESSENTIAL_MAX_LIVE_SAGAS": "16",
+        # the in-process tests kill a saga's own actor (saga:<id>); shared and pooled placement have
+        # their modules, and the README and CLI tests run the default (shared)
+        "ESSENTIAL_PLACEMENT": "dedicated",
         "ESSENTIAL_EXAMPLES_DB_PREFIX": "t_",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
