@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.report import percentile
+
 REPO = Path(__file__).resolve().parent.parent
 ADDS = 3
 
@@ -47,15 +49,6 @@ class Result:
     request_p95_ms: float
     completed: int
     errors: int
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def one_saga(http: Any, requests: list[float]) -> tuple[float, bool]:
