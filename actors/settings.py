@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         "the dev stack (`essential up`, `essential demo`) registers examples.jobs when unset",
     )
     max_live_sagas: int = Field(
-        32, ge=1, description="saga actors alive at once (each is a process of ~100 MB); more wait as pending"
+        32, ge=1,
+        description="dedicated and pooled placement: saga actors alive at once (each a process of ~100 MB); "
+        "more wait as pending (shared placement: max_shared_sagas)",
     )
     placement: Literal["dedicated", "shared", "pooled"] = Field(
         "shared",

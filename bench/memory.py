@@ -45,7 +45,7 @@ async def memory_probe(mode: str, uri: str, live: int, **conf: Any) -> dict[str,
         await sup.hosts.remote()  # start the pool, then measure it idle
         await asyncio.sleep(2)
     idle_procs, idle_rss = rss_of(title)
-    hold = {"job": "bench:hold", "payload": {"hold_s": 20.0 if live > 100 else 15.0}}
+    hold = {"job": "bench:hold", "payload": {"hold_s": 12.0 if live > 100 else 15.0}}
     replies = await asyncio.gather(*(sup.start.remote(hold) for _ in range(live)))
     ids = [r["saga"]["id"] for r in replies]
     loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ def test_a_small_bench_run_records_ratios_to_the_hand_written_log(tmp_path: Path
     rows = {(r["mode"], r["concurrency"]): r for r in record["results"]}
     assert set(rows) == {("saga-log", 32), ("saga-log", 1), ("runner", 32), ("runner", 1)}
     for (mode, concurrency), row in rows.items():
-        expected = 12 if concurrency == 32 else 10
+        expected = 12 if (mode, concurrency) == ("saga-log", 32) else 10  # at least 10 per row
         assert row["sagas"] == expected and row["completed"] + row["aborted"] == expected, row
         assert row["server"]["commands"] > 0 and row["cpu_ms_per_saga"]["own"] > 0, row
         ratios = row["ratios_to_saga_log"]
