@@ -35,22 +35,27 @@ def _db():
     return shared_client(deployment_settings().mongodb_uri)[BENCH_DB]
 
 
-async def _write(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
-    """A ledger row and a counter in one transaction, once per idempotency key."""
-    key = f"{'undo:' if sign < 0 else ''}{ctx.idempotency_key}"
-    counter = int(ctx.saga_id, 16) % COUNTERS
-    db = _db()
+async def write_ledger(db, saga_id: str, key: str, step: str, sign: int) -> dict:  # type: ignore[no-untyped-def]
+    """The service's effect: a ledger row and a counter in one transaction (the hand-written log's
+    steps do the same write)."""
+    counter = int(saga_id, 16) % COUNTERS
 
     async def txn(session) -> None:  # type: ignore[no-untyped-def]
         await db.ledger.insert_one({"_id": key, "step": step}, session=session)
         await db.counters.update_one({"_id": counter}, {"$inc": {step: sign}}, upsert=True, session=session)
 
-    try:
-        async with db.client.start_session() as session:
-            await session.with_transaction(txn)
-    except DuplicateKeyError:
-        pass  # applied by an earlier run of this stage
+    async with db.client.start_session() as session:
+        await session.with_transaction(txn)
     return {"step": step, "key": key}
+
+
+async def _write(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
+    """The ledger write, once per idempotency key."""
+    key = f"{'undo:' if sign < 0 else ''}{ctx.idempotency_key}"
+    try:
+        return await write_ledger(_db(), ctx.saga_id, key, step, sign)
+    except DuplicateKeyError:
+        return {"step": step, "key": key}  # applied by an earlier run of this stage
 
 
 async def _compute(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:

@@ -40,10 +40,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def _ratio(value: float, reference: float | None) -> str:
-    return f"{value / reference:.2f}×" if reference else "-"
-
-
 def ratios(result: ModeResult, reference: ModeResult | None) -> dict[str, float | None]:
     """The figures the targets are stated in, relative to the hand-written log at the same load."""
     if reference is None:
@@ -76,15 +72,17 @@ def render(results: list[ModeResult], memory: list[dict[str, Any]], figures: dic
             title=f"workload {workload!r}: 4-step order saga, 10 % compensating — ratios to the hand-written saga log",
         )  # fmt: skip
         for r in (r for r in results if r.workload == workload):
-            ref = references.get((workload, r.concurrency))
+            x = ratios(r, references.get((workload, r.concurrency)))
+
+            def times(key: str, _x: dict[str, float | None] = x) -> str:
+                return f"{_x[key]:.2f}×" if _x.get(key) is not None else "-"
+
             own = r.cpu_ms_per_saga
             table.add_row(
-                r.mode, str(r.concurrency), str(r.sagas), f"{r.sagas_per_s:.1f}", _ratio(r.sagas_per_s, ref and ref.sagas_per_s),
-                f"{r.p50_ms:.1f}", _ratio(r.p50_ms, ref and ref.p50_ms), f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}",
-                f"{own['own']:.1f}", _ratio(own["own"], ref and ref.cpu_ms_per_saga["own"]),
-                f"{own['driver']:.1f} + {own['workers']:.1f}", f"{own['ray_system']:.1f}",
-                f"{r.server['cpu_ms']:.1f}", _ratio(r.server["cpu_ms"], ref and ref.server["cpu_ms"]),
-                f"{r.server['commands']:.1f}", _ratio(r.server["commands"], ref and ref.server["commands"]),
+                r.mode, str(r.concurrency), str(r.sagas), f"{r.sagas_per_s:.1f}", times("throughput"),
+                f"{r.p50_ms:.1f}", times("p50"), f"{r.p95_ms:.1f}", f"{r.p99_ms:.1f}",
+                f"{own['own']:.1f}", times("own_cpu"), f"{own['driver']:.1f} + {own['workers']:.1f}", f"{own['ray_system']:.1f}",
+                f"{r.server['cpu_ms']:.1f}", times("server_cpu"), f"{r.server['commands']:.1f}", times("server_commands"),
                 f"{r.completed}/{r.aborted}",
             )  # fmt: skip
         console.print(table)

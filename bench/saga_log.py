@@ -15,7 +15,7 @@ from typing import Any
 
 from bson import ObjectId
 
-from bench.jobs import BENCH_DB, COUNTERS, STEPS
+from bench.jobs import BENCH_DB, STEPS, write_ledger
 
 DB = "bench_saga_log"
 
@@ -24,16 +24,7 @@ async def _step(db_services: Any, saga_id: str, seq: int, step: str, sign: int, 
     """The business effect (the bench's ledger write, or nothing for pure computation)."""
     if pure:
         return {"step": step, "sign": sign}
-    key = f"{'undo:' if sign < 0 else ''}{saga_id}:{seq}"
-    counter = int(saga_id, 16) % COUNTERS
-
-    async def txn(session: Any) -> None:
-        await db_services.ledger.insert_one({"_id": key, "step": step}, session=session)
-        await db_services.counters.update_one({"_id": counter}, {"$inc": {step: sign}}, upsert=True, session=session)
-
-    async with db_services.client.start_session() as session:
-        await session.with_transaction(txn)
-    return {"step": step, "key": key}
+    return await write_ledger(db_services, saga_id, f"{'undo:' if sign < 0 else ''}{saga_id}:{seq}", step, sign)
 
 
 async def one_saga(client: Any, fail_last: bool, *, pure: bool) -> tuple[str, float, str]:
