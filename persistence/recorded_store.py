@@ -159,7 +159,7 @@ class RecordedStore:
             for _ in range(5):  # the colliding saga's transaction may not be visible yet
                 existing = await self.sagas.find_one({"_id": doc["_id"]})
                 if existing is None and saga.idempotency_key is not None:
-                    existing = await self.sagas.find_one({"idempotency_key": saga.idempotency_key})
+                    existing = await self.store.doc_by_key(saga.idempotency_key)
                 if existing is not None:
                     break
                 await asyncio.sleep(0.05)

@@ -30,9 +30,9 @@ from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 from bson import ObjectId
 from bson.binary import UUID_SUBTYPE, Binary
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReplaceOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
 
 from essential.orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
 from essential.orchestration.lifecycle import check_transition, resumed_state
@@ -51,7 +51,7 @@ from essential.persistence.documents import (
     stage_to_doc,
     state_and_job,
 )
-from essential.persistence.indexes import ensure_indexes
+from essential.persistence.indexes import KEYS, ensure_indexes
 
 log = logging.getLogger("essential.store")
 T = TypeVar("T")
@@ -164,6 +164,7 @@ class MongoSagaStore:
         self.signals_col = self.db["signals"]
         self.locks = self.db["locks"]
         self.quarantine_col = self.db["quarantine"]  # saga documents that do not read as sagas
+        self.keys = self.db[KEYS]  # idempotency key -> saga (see essential.persistence.indexes)
         # One logical session per saga being driven here: its id is the saga's
         # ``session`` field, and a runner uses it strictly sequentially.
         self._sessions: dict[str, AsyncClientSession] = {}
@@ -198,12 +199,15 @@ class MongoSagaStore:
         *,
         unless_abort: bool = False,
         carried: Sequence[Carried] = (),
+        started: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
         """Inside a transaction: update the saga if ``epoch`` still holds its lease, and append
         ``events`` to the outbox with the saga's next event numbers (the recorded store too).
 
         ``carried``: checkpoints the runner folded into this one — their saga fields and
-        events go first, their finished stages are written in the same transaction."""
+        events go first, their finished stages are written in the same transaction.
+        ``started``: stage documents written ahead in it (inserted: a seq is never recorded twice);
+        they and the carried stages go to the server as one command."""
         for _, carried_fields, carried_events in reversed(carried):
             fields, events = {**carried_fields, **fields}, carried_events + events
         update: dict[str, Any] = {"$set": plain(fields)}
@@ -235,11 +239,32 @@ class MongoSagaStore:
             await self.outbox.insert_many(
                 [event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session
             )
-        for stage in (c[0] for c in carried if c[0] is not None):
-            await self.stages_col.replace_one(
-                {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
-            )
+        finished = [c[0] for c in carried if c[0] is not None]
+        await self.write_stages(session, saga_id, finished, started)
         return doc
+
+    async def write_stages(
+        self, session: AsyncClientSession, saga_id: str, finished: Sequence[Stage], started: Sequence[dict[str, Any]]
+    ) -> None:
+        """Record finished stages (replacing their started documents) and insert started ones.
+
+        One ``update`` command for all of them (an insert among updates would be a second): a
+        started stage is an upsert whose filter names a fresh ``_id``, so it can only insert, and
+        one whose seq is already stored breaks the unique (saga, seq) index, as an insert would."""
+        saga = oid(saga_id)
+        writes: list[ReplaceOne] = [
+            ReplaceOne({"saga": saga, "seq": stage.seq}, stage_to_doc(stage), upsert=True) for stage in finished
+        ]
+        writes += [ReplaceOne({"_id": ObjectId(), "saga": saga, "seq": doc["seq"]}, doc, upsert=True) for doc in started]
+        if not writes:
+            return
+        try:
+            await self.stages_col.bulk_write(writes, ordered=True, session=session)
+        except BulkWriteError as exc:
+            first = (exc.details.get("writeErrors") or [{}])[0]
+            if first.get("code") == 11000:
+                raise DuplicateKeyError(first.get("errmsg", "a stage seq is stored already"), 11000, first) from exc
+            raise
 
     async def _known_update(
         self,
@@ -269,9 +294,12 @@ class MongoSagaStore:
         """Insert a new saga's document with its ``saga.started`` event, one transaction
         (DuplicateKeyError: the id or idempotency key is taken; the caller decides whose it is)."""
         doc["events"] = 1
+        key = doc.get("idempotency_key")
 
         async def body(session: AsyncClientSession) -> None:
             await self.sagas.insert_one(dict(doc), session=session)
+            if isinstance(key, str):  # a taken key fails the whole start (DuplicateKeyError)
+                await self.keys.insert_one({"_id": key, "saga": doc["_id"]}, session=session)
             await self.outbox.insert_one(event_to_doc(event, 1), session=session)
 
         async def once() -> None:
@@ -292,9 +320,7 @@ class MongoSagaStore:
             return saga_from_doc(mine), True
         existing = None
         if saga.idempotency_key is not None:
-            existing = await resilient(
-                lambda: self.sagas.find_one({"idempotency_key": saga.idempotency_key}), "read saga by key"
-            )
+            existing = await self.doc_by_key(saga.idempotency_key)
         if existing is None:
             raise DuplicateKeyError(f"saga {saga.id} collides with a stored saga")
         return saga_from_doc(existing), False
@@ -423,11 +449,10 @@ class MongoSagaStore:
 
         async def body(session: AsyncClientSession) -> str | None:
             doc = await self.fenced_update(
-                session, saga_id, epoch, update, [], unless_abort=unless_abort, carried=carried
+                session, saga_id, epoch, update, [], unless_abort=unless_abort, carried=carried, started=[stage_doc]
             )
             if locks:
                 await self._take_locks(session, saga_id, doc.get("job"), epoch, stage.seq, locks)
-            await self.stages_col.insert_one(dict(stage_doc), session=session)
             return doc.get("abort_requested")
 
         for _ in range(5):
@@ -452,9 +477,8 @@ class MongoSagaStore:
 
         async def body(session: AsyncClientSession) -> str | None:
             doc = await self.fenced_update(
-                session, saga_id, epoch, fields, [], unless_abort=unless_abort, carried=carried
+                session, saga_id, epoch, fields, [], unless_abort=unless_abort, carried=carried, started=docs
             )
-            await self.stages_col.insert_many([dict(d) for d in docs], session=session)
             return doc.get("abort_requested")
 
         return await self.in_transaction(saga_id, body)
@@ -469,13 +493,8 @@ class MongoSagaStore:
         *,
         carried: Sequence[Carried] = (),
     ) -> str | None:
-        stage_doc = stage_to_doc(stage)
-
         async def body(session: AsyncClientSession) -> str | None:
-            doc = await self.fenced_update(session, saga_id, epoch, fields, events, carried=carried)
-            await self.stages_col.replace_one(
-                {"saga": oid(saga_id), "seq": stage.seq}, stage_doc, upsert=True, session=session
-            )
+            doc = await self.fenced_update(session, saga_id, epoch, fields, events, carried=[*carried, (stage, {}, [])])
             return doc.get("abort_requested")
 
         return await self.in_transaction(saga_id, body)
@@ -722,8 +741,15 @@ class MongoSagaStore:
         return await resilient(read, "read signals")
 
     # -- child sagas -------------------------------------------------------------------
+    async def doc_by_key(self, key: str) -> dict[str, Any] | None:
+        """The stored document of the saga started with idempotency key ``key``, if any."""
+        row = await resilient(lambda: self.keys.find_one({"_id": key}), "read idempotency key")
+        if row is None:
+            return None
+        return await resilient(lambda: self.sagas.find_one({"_id": row["saga"]}), "read saga by key")
+
     async def by_idempotency_key(self, key: str) -> Saga | None:
-        doc = await resilient(lambda: self.sagas.find_one({"idempotency_key": key}), "read saga by key")
+        doc = await self.doc_by_key(key)
         return None if doc is None else saga_from_doc(doc)
 
     async def reopen_for_compensation(self, saga_id: str, reason: str) -> Saga:
@@ -839,12 +865,17 @@ class MongoSagaStore:
         without this it grows with every saga ever run (export before, if history matters).
         Parked sagas are never deleted; their effects wait for a person."""
         query = {"state": {"$in": [s.value for s in TERMINAL_STATES]}, "updatedAt": {"$lt": older_than}}
-        ids = [d["_id"] async for d in self.sagas.find(query, {"_id": 1}).limit(limit)]
-        if not ids:
+        found = [d async for d in self.sagas.find(query, {"_id": 1, "idempotency_key": 1}).limit(limit)]
+        if not found:
             return 0
+        ids = [d["_id"] for d in found]
         for collection in (self.stages_col, self.signals_col, self.locks):
             await collection.delete_many({"saga": {"$in": ids}})
         deleted = await self.sagas.delete_many({"_id": {"$in": ids}, **query})
+        # a deleted saga's key is free again (the saga is gone, its key is not kept either)
+        keys = [d["idempotency_key"] for d in found if isinstance(d.get("idempotency_key"), str)]
+        if keys:
+            await self.keys.delete_many({"_id": {"$in": keys}, "saga": {"$in": ids}})
         return deleted.deleted_count
 
     async def ended(self, saga_ids: list[str]) -> dict[str, Saga]:
