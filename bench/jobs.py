@@ -4,8 +4,9 @@ Two variants of one saga, so that the orchestration's own cost can be told from 
 
 * ``bench:order-pure`` – each step is pure computation (no I/O): what the saga costs is what
   the orchestrator costs;
-* ``bench:order`` – each step is one transactional MongoDB write keyed by the step's
-  idempotency key (a ledger row plus a counter), like a real service.
+* ``bench:order`` – each step is one MongoDB write keyed by the step's idempotency key (a
+  ledger row plus a counter), like a real service; the steps are *transactional*: the write
+  commits in the transaction that records the step (one transaction per step, not two).
 
 10 % of the sagas fail at the last step, so three compensations run and are recorded.
 """
@@ -15,10 +16,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from pydantic import BaseModel
-from pymongo.errors import DuplicateKeyError
 
-from essential import NO_RETRY, Job, StepContext, StepFailed, deployment_settings
-from essential.persistence.connection import shared_client
+from essential import NO_RETRY, Job, StepContext, StepFailed
 
 BENCH_DB = "essential_bench_services"
 COUNTERS = 64  # spread counters so sagas do not all conflict on one document
@@ -31,31 +30,27 @@ class OrderLoad(BaseModel):
     hold_s: float = 0.0  # keep the saga alive (memory probe)
 
 
-def _db():
-    return shared_client(deployment_settings().mongodb_uri)[BENCH_DB]
-
-
-async def write_ledger(db, saga_id: str, key: str, step: str, sign: int) -> dict:  # type: ignore[no-untyped-def]
-    """The service's effect: a ledger row and a counter in one transaction (the hand-written log's
-    steps do the same write)."""
+async def write_ledger(db, saga_id: str, key: str, step: str, sign: int, session=None) -> dict:  # type: ignore[no-untyped-def]
+    """The service's effect: a ledger row and a counter, in one transaction — its own, or the
+    ``session``'s (a transactional step's checkpoint).  The hand-written log's steps do the same."""
     counter = int(saga_id, 16) % COUNTERS
 
     async def txn(session) -> None:  # type: ignore[no-untyped-def]
         await db.ledger.insert_one({"_id": key, "step": step}, session=session)
         await db.counters.update_one({"_id": counter}, {"$inc": {step: sign}}, upsert=True, session=session)
 
-    async with db.client.start_session() as session:
-        await session.with_transaction(txn)
+    if session is not None:
+        await txn(session)
+    else:
+        async with db.client.start_session() as own:
+            await own.with_transaction(txn)
     return {"step": step, "key": key}
 
 
 async def _write(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
-    """The ledger write, once per idempotency key."""
+    """The ledger write in the step's checkpoint transaction: applied exactly once, no replay check."""
     key = f"{'undo:' if sign < 0 else ''}{ctx.idempotency_key}"
-    try:
-        return await write_ledger(_db(), ctx.saga_id, key, step, sign)
-    except DuplicateKeyError:
-        return {"step": step, "key": key}  # applied by an earlier run of this stage
+    return await write_ledger(ctx.session.client[BENCH_DB], ctx.saga_id, key, step, sign, session=ctx.session)
 
 
 async def _compute(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
@@ -66,7 +61,7 @@ async def _compute(ctx: StepContext[OrderLoad], step: str, sign: int) -> dict:
 Effect = Callable[[StepContext[OrderLoad], str, int], Awaitable[dict]]
 
 
-def _order_job(name: str, effect: Effect) -> Job[OrderLoad]:
+def _order_job(name: str, effect: Effect, *, transactional: bool = False) -> Job[OrderLoad]:
     job: Job[OrderLoad] = Job(name, payload=OrderLoad, ttl=600)
     for step in STEPS:
 
@@ -77,7 +72,9 @@ def _order_job(name: str, effect: Effect) -> Job[OrderLoad]:
                 raise StepFailed("confirmation refused (injected: 10 % of the load)")
             return await effect(ctx, _step, 1)
 
-        definition = job.step(bucket=BUCKETS[step], action="update", name=step, retry=NO_RETRY)(run)
+        definition = job.step(
+            bucket=BUCKETS[step], action="update", name=step, retry=NO_RETRY, transactional=transactional
+        )(run)
         if step != "confirm":  # the last step either fails (nothing to undo) or ends the saga
 
             async def undo(ctx: StepContext[OrderLoad], _res: dict | None, _step: str = step) -> dict:
@@ -87,7 +84,7 @@ def _order_job(name: str, effect: Effect) -> Job[OrderLoad]:
     return job
 
 
-order = _order_job("bench:order", _write)
+order = _order_job("bench:order", _write, transactional=True)
 order_pure = _order_job("bench:order-pure", _compute)
 
 #: the workloads by name, as ``make bench`` and the hand-written log know them

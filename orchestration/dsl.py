@@ -90,6 +90,10 @@ class StepContext(Generic[P]):
     #: the saga's TTL deadline, and the runner's clock when this attempt began
     deadline: datetime | None = None
     attempted_at: datetime | None = None
+    #: a transactional step's (and its compensation's) database session: the transaction that
+    #: also records the step's checkpoint.  Write with ``session=ctx.session`` through
+    #: ``ctx.session.client`` (any database of the deployment's MongoDB); None for other steps.
+    session: Any = None
 
     @property
     def remaining(self) -> float:
@@ -198,6 +202,9 @@ class Step:
     lock: Lock | None = None
     #: seconds a waiting step keeps its actor before the saga is checkpointed ``waiting`` (None: the runner's default)
     linger: float | None = None
+    #: the step's (and its compensation's) writes go to the deployment's MongoDB in the
+    #: transaction that records the step (``ctx.session``): applied exactly once, or not at all
+    transactional: bool = False
 
     @property
     def waits(self) -> bool:
@@ -284,6 +291,8 @@ class Job(Generic[P]):
                 raise ValueError(f"job {self.name}: a parallel group holds plain steps, not a {step.kind} step")
             if step.lock is not None:
                 raise ValueError(f"job {self.name}: declare the lock on a step before parallel group {self._group!r}")
+            if step.transactional:
+                raise ValueError(f"job {self.name}: a transactional step cannot run in parallel group {self._group!r}")
             step.group = self._group
         self.steps.append(step)
         return step
@@ -422,10 +431,15 @@ class Job(Generic[P]):
         timeout: float = 30.0,
         when: Predicate | None = None,
         lock: Lock | None = None,
+        transactional: bool = False,
     ) -> Callable[[StepFn], Step]:
         """Decorator appending a step; steps run in declaration order.
 
         ``lock``: business keys the saga holds from this step until it ends (:class:`Lock`).
+        ``transactional``: the step writes to the deployment's MongoDB with ``ctx.session``, and
+        those writes commit in the transaction that records the step (so does its compensation):
+        an effect applied exactly once, never at least once.  Its code may run again after a
+        crash or a transient error, but only a run whose transaction committed left anything.
         """
 
         def register(fn: StepFn) -> Step:
@@ -438,6 +452,7 @@ class Job(Generic[P]):
                 timeout=timeout,
                 when=when,
                 lock=lock,
+                transactional=transactional,
             )
             return self._add(step)
 

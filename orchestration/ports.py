@@ -7,7 +7,7 @@ longer ``epoch``, so a stale runner can never overwrite a newer one.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +73,19 @@ class SagaStore(Protocol):
         unless_abort: bool = False,
     ) -> str | None:
         """Insert several ``started`` stages (a parallel group) and update the saga, in one transaction."""
+
+    async def commit_with(
+        self,
+        saga_id: str,
+        epoch: int,
+        work: Callable[[Any], Awaitable[Carried]],
+        *,
+        carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
+    ) -> str | None:
+        """One fenced transaction around ``work(session)``: the writes it makes with ``session``
+        commit together with the checkpoint it returns (a transactional step), or not at all.
+        ``unless_abort``: refused (AbortPending, nothing committed) after a durable abort request."""
 
     async def record_result(
         self,

@@ -483,6 +483,37 @@ class MongoSagaStore:
 
         return await self.in_transaction(saga_id, body)
 
+    async def commit_with(
+        self,
+        saga_id: str,
+        epoch: int,
+        work: Callable[[AsyncClientSession], Awaitable[Carried]],
+        *,
+        carried: Sequence[Carried] = (),
+        unless_abort: bool = False,
+    ) -> str | None:
+        """A transactional step: ``work`` writes with the saga's session and returns its checkpoint;
+        both commit in this one fenced transaction (``unless_abort``: refused, all rolled back,
+        after a durable abort — a forward step's, not an undo's).
+
+        A step's timeout cancels it inside the transaction: the transaction is aborted before the
+        cancellation goes on, so the saga's session never keeps a half-done step open."""
+
+        async def body(session: AsyncClientSession) -> str | None:
+            checkpoint = await work(session)
+            doc = await self.fenced_update(
+                session, saga_id, epoch, {}, [], unless_abort=unless_abort, carried=[*carried, checkpoint]
+            )
+            return doc.get("abort_requested")
+
+        try:
+            return await self.in_transaction(saga_id, body, "transactional step of saga")
+        except asyncio.CancelledError:
+            session = self._sessions.get(saga_id)
+            if session is not None and session.in_transaction:
+                await session.abort_transaction()
+            raise
+
     async def record_result(
         self,
         saga_id: str,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from pymongo.errors import DuplicateKeyError
 
 from essential.actors.kafka.participants import kafka_step
-from essential.orchestration import Job, RetryPolicy, StepContext
+from essential.orchestration import Job, RetryPolicy, StepContext, StepFailed
 from essential.persistence.connection import shared_client
 
 
@@ -324,3 +324,55 @@ def _where_job() -> Job:
 
 
 where = _where_job()
+
+
+class LedgerKnobs(BaseModel):
+    amount: int = 1
+    hold: str | None = Field(None, description="after its write, credit waits (its transaction open) for this gate _id")
+    fail_after_write: int = Field(0, ge=0, description="the first N attempts of credit raise after their write")
+    stall_after_write: float = Field(0.0, ge=0, description="credit's first attempt sleeps this long after its write")
+    refuse_confirm: bool = False
+
+
+def _balances(ctx: StepContext[LedgerKnobs]):  # type: ignore[no-untyped-def]
+    """The service's collection, reached through the checkpoint's own session (the same MongoDB)."""
+    return ctx.session.client[os.environ.get("ESSENTIAL_TEST_DB", "essential_testjobs")].balances
+
+
+def _ledger_job() -> Job[LedgerKnobs]:
+    """A transactional step whose effect is not idempotent (an increment): only exactly-once keeps it right."""
+    job: Job[LedgerKnobs] = Job("test:ledger", payload=LedgerKnobs, ttl=600)
+
+    @job.step(bucket="test.balances", action="update", transactional=True, timeout=2.0,
+              retry=RetryPolicy(attempts=4, backoff=0.01))  # fmt: skip
+    async def credit(ctx: StepContext[LedgerKnobs]) -> dict:
+        await _balances(ctx).update_one(
+            {"_id": ctx.saga_id}, {"$inc": {"credits": ctx.payload.amount}}, upsert=True, session=ctx.session
+        )
+        # outside the transaction: the test sees the write made (not committed) and who made it
+        await _db().reached.insert_one({"saga": ctx.saga_id, "attempt": ctx.attempt, "pid": os.getpid()})
+        if ctx.attempt <= ctx.payload.fail_after_write:
+            raise RuntimeError(f"injected failure after the write (attempt {ctx.attempt})")
+        if ctx.attempt == 1 and ctx.payload.stall_after_write:
+            await asyncio.sleep(ctx.payload.stall_after_write)
+        while ctx.payload.hold and await _db().gates.find_one({"_id": ctx.payload.hold}) is None:
+            await asyncio.sleep(0.05)
+        return {"credited": ctx.payload.amount}
+
+    @credit.compensation
+    async def debit(ctx: StepContext[LedgerKnobs], result: dict | None) -> dict:
+        await _balances(ctx).update_one(
+            {"_id": ctx.saga_id}, {"$inc": {"credits": -ctx.payload.amount}}, upsert=True, session=ctx.session
+        )
+        return {"debited": ctx.payload.amount}
+
+    @job.step(bucket="test.orders", action="update", retry=RetryPolicy(attempts=1))
+    async def confirm(ctx: StepContext[LedgerKnobs]) -> dict:
+        if ctx.payload.refuse_confirm:
+            raise StepFailed("confirmation refused")
+        return {"confirmed": True}
+
+    return job
+
+
+ledger = _ledger_job()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from essential.orchestration.dsl import RetryPolicy, StepContext
-from essential.orchestration.errors import LeaseLost, RetryLater, StepFailed, StepTimeout
+from essential.orchestration.errors import AbortPending, LeaseLost, RetryLater, StepFailed, StepTimeout
 from essential.orchestration.models import Saga
 from essential.orchestration.runner.control import Control
 
@@ -74,8 +74,8 @@ async def attempt(
         except StepFailed as exc:
             retryable = False
             outcome.errors.append(f"{type(exc).__name__}: {exc}")
-        except LeaseLost:
-            raise  # this runner was replaced: it must stop, not count an attempt
+        except (LeaseLost, AbortPending):
+            raise  # replaced, or a transactional step's commit refused by an abort: stop, not an attempt
         except Exception as exc:  # a step's own failure (Essential's own errors too): retried by policy
             outcome.errors.append(f"{type(exc).__name__}: {exc}")
         if not retryable or outcome.attempts >= policy.attempts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -115,10 +116,9 @@ class Checkpoints:
         self.control.note(flag, self.saga)
         saga.seq = stage.seq
 
-    async def finish(
-        self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any], *, fold: bool = False
-    ) -> None:
-        """Record the stage's outcome (and ``fields`` of the saga) with its ``saga.stage.completed`` event."""
+    def finished(self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any]) -> Carried:
+        """The checkpoint recording the stage's outcome (and ``fields`` of the saga) with its
+        ``saga.stage.completed`` event; ``stage`` is updated to match."""
         now = self.clock.now()
         stage.status = status
         stage.finished_at = now
@@ -147,15 +147,50 @@ class Checkpoints:
             status=status.value,
             compensates=stage.compensates,
         )
+        return stage, fields, [event]
+
+    async def finish(
+        self, stage: Stage, outcome: Attempts, status: StageStatus, fields: dict[str, Any], *, fold: bool = False
+    ) -> None:
+        """Record the stage's outcome (and ``fields`` of the saga) with its ``saga.stage.completed`` event."""
+        _, fields, events = self.finished(stage, outcome, status, fields)
         if fold and self.fold:
             # written by the next checkpoint, which the runner makes before anything else
-            self._carry.append((stage, fields, [event]))
+            self._carry.append((stage, fields, events))
             self.stages[stage.seq] = stage
             self._apply(fields)
             return
         flag = await self.fenced(
-            lambda carried: self.store.record_result(self.current.id, self.epoch, stage, fields, [event], carried=carried)
+            lambda carried: self.store.record_result(self.current.id, self.epoch, stage, fields, events, carried=carried)
         )
+        self._recorded(stage, fields, flag)
+
+    async def commit_step(
+        self, stage: Stage, work: Callable[[Any], Awaitable[Any]], fields: dict[str, Any], attempt: int
+    ) -> Any:
+        """A transactional step's attempt: ``work(session)`` and the stage recorded succeeded with its
+        result commit in one transaction, or neither does; returns what ``work`` returned.  A forward
+        step's commit is refused by a durable abort (AbortPending: the step never happened)."""
+        unless_abort = stage.action != Action.COMPENSATE
+        started = time.perf_counter()
+        outcome = Attempts(ok=True, attempts=attempt)
+        recorded: list[Carried] = []
+
+        async def in_transaction(session: Any) -> Carried:
+            outcome.result = await work(session)
+            outcome.duration_ms = (time.perf_counter() - started) * 1000
+            recorded[:] = [self.finished(stage, outcome, StageStatus.SUCCEEDED, fields)]
+            return recorded[0]
+
+        flag = await self.fenced(
+            lambda carried: self.store.commit_with(
+                self.current.id, self.epoch, in_transaction, carried=carried, unless_abort=unless_abort
+            )
+        )
+        self._recorded(stage, recorded[0][1], flag)
+        return outcome.result
+
+    def _recorded(self, stage: Stage, fields: dict[str, Any], flag: str | None) -> None:
         self.stages[stage.seq] = stage
         self._apply(fields)
         self.control.note(flag, self.saga)

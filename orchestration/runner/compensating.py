@@ -27,10 +27,12 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
         if step is None or (step.compensate is None and step.kind != "child"):
             continue
         stage = open_compensation(stages, forward.seq)
+        transactional = step.transactional and step.kind != "child"
         if stage is None:
             stage = cp.new_stage(step, saga.seq + 1, Action.COMPENSATE, req=forward.res)
             stage.compensates = forward.seq
-            await cp.write_compensation(stage)
+            if not transactional:  # a transactional undo commits with its record: nothing to write ahead
+                await cp.write_compensation(stage)
         # the undo's idempotency key is the forward step's: a service can match the two
         ctx = run.ctx(step, forward.seq, payload, results)
         if step.kind == "child":
@@ -45,11 +47,17 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
             async def undo(c: StepContext[Any], _fn: Any = compensate_fn, _res: Any = forward_result) -> Any:
                 return await _fn(c, _res)
 
+        seq = {"seq": max(saga.seq, stage.seq)}
+        if transactional:
+            undo = _in_transactions(run, stage, undo, seq)
         outcome = await run.attempt(undo, ctx, step.compensation_retry, step.timeout, bounded_by_ttl=False)
+        if outcome.ok and transactional:
+            continue  # recorded by the undo's own transaction
         if outcome.ok:
             await cp.finish(stage, outcome, StageStatus.SUCCEEDED, {}, fold=True)
             continue
-        await cp.finish(stage, outcome, StageStatus.FAILED, {})
+        outcome.timed_out = outcome.timed_out and not transactional  # an aborted transaction left nothing
+        await cp.finish(stage, outcome, StageStatus.FAILED, seq)
         await cp.park(
             f"compensation of step {step.name} (stage {forward.seq}) failed after "
             f"{outcome.attempts} attempt(s): {outcome.errors[-1] if outcome.errors else ''}"
@@ -59,3 +67,20 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
         {"state": SagaState.ABORTED, "aborted_at": run.clock.now()},
         [cp.event(EventType.ABORTED, SagaState.ABORTED, reason=saga.error or run.control.abort_reason)],
     )
+
+
+def _in_transactions(run: Run, stage: Stage, undo: Any, fields: dict[str, Any]) -> Any:
+    """A transactional step's undo: each attempt's writes (``ctx.session``) and the compensation
+    stage recorded succeeded commit in one transaction, or neither does."""
+
+    async def attempt(c: StepContext[Any]) -> Any:
+        async def work(session: Any) -> Any:
+            c.session = session
+            try:
+                return await undo(c)
+            finally:
+                c.session = None
+
+        return await run.cp.commit_step(stage, work, fields, c.attempt)
+
+    return attempt

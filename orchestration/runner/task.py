@@ -8,7 +8,7 @@ from essential.orchestration.compensation import is_deferred
 from essential.orchestration.dsl import Step, StepContext
 from essential.orchestration.errors import LockBusy
 from essential.orchestration.models import Stage
-from essential.orchestration.runner.attempts import Attempts
+from essential.orchestration.runner.attempts import Attempts, jsonable
 from essential.orchestration.runner.run import Run
 from essential.orchestration.states import Action, StageStatus
 
@@ -33,20 +33,51 @@ async def run_task(run: Run, step: Step, index: int, payload: Any, results: dict
             ctx = run.ctx(step, cp.resume_seq(None), payload, results, deferred=deferred)
         if stage is None or stage.status != StageStatus.STARTED:
             stage = cp.new_stage(step, ctx.seq, Action(step.action), req=saga.payload)
-            refused = await _write_ahead_locked(run, step, stage, index, ctx)
-            if refused is not None:
-                return refused
-
-        outcome = await run.attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+            if step.transactional and step.lock is None:
+                pass  # nothing to write ahead: its writes and its record commit together, or not at all
+            else:
+                refused = await _write_ahead_locked(run, step, stage, index, ctx)
+                if refused is not None:
+                    return refused
+        if step.transactional:
+            outcome = await _attempt_in_transactions(run, step, stage, index, ctx)
+        else:
+            outcome = await run.attempt(step.run, ctx, step.retry, step.timeout, bounded_by_ttl=True)
         if outcome.deferred is not None:
             failure = await _defer(run, step, stage, outcome)
             if failure is not None:
                 return failure
             continue  # wait for the timer, then run the step again as a new stage
+        if outcome.ok and step.transactional:
+            results[step.name] = jsonable(outcome.result)  # recorded by the step's own transaction
+            return None
         if outcome.ok:
             await run.succeed(stage, outcome, results, step.name, index + 1, fold=True)
             return None
-        return await run.fail(stage, outcome, run.failure_text(step, outcome))
+        # the saga's seq covers the stage (a transactional step's was not written ahead)
+        return await run.fail(stage, outcome, run.failure_text(step, outcome), seq=max(saga.seq, stage.seq))
+
+
+async def _attempt_in_transactions(run: Run, step: Step, stage: Stage, index: int, ctx: StepContext[Any]) -> Attempts:
+    """Each attempt is one transaction: the step's writes (``ctx.session``) and its stage recorded
+    succeeded with the saga's cursor past it.  A failed, timed-out or interrupted attempt rolled
+    everything back, so a failure leaves nothing to compensate and a re-run applies it once."""
+    cp = run.cp
+    fields = {"seq": max(cp.current.seq, stage.seq), "cursor": index + 1}
+
+    async def attempt(c: StepContext[Any]) -> Any:
+        async def work(session: Any) -> Any:
+            c.session = session
+            try:
+                return await step.run(c)
+            finally:
+                c.session = None
+
+        return await cp.commit_step(stage, work, fields, c.attempt)
+
+    outcome = await run.attempt(attempt, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+    outcome.timed_out = False  # a timed-out attempt's transaction was aborted: its outcome is known
+    return outcome
 
 
 async def _defer(run: Run, step: Step, stage: Stage, outcome: Attempts) -> str | None:
@@ -61,7 +92,8 @@ async def _defer(run: Run, step: Step, stage: Stage, outcome: Attempts) -> str |
         return await run.fail(stage, outcome, error)
     stage.meta.wake_at = retry_at
     outcome.result = {"outcome": "deferred", "error": later.reason or "retry later", "retry_at": retry_at.isoformat()}
-    await run.cp.finish(stage, outcome, StageStatus.FAILED, {})
+    # the saga's seq covers the round (a transactional step's round was not written ahead)
+    await run.cp.finish(stage, outcome, StageStatus.FAILED, {"seq": max(saga.seq, stage.seq)})
     return None
 
 
