@@ -30,9 +30,17 @@ from typing import Any, Awaitable, Callable, ClassVar, TypeVar
 
 from bson import ObjectId
 from bson.binary import UUID_SUBTYPE, Binary
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReplaceOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, InsertOne, ReplaceOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ClientBulkWriteException,
+    ConnectionFailure,
+    DuplicateKeyError,
+    InvalidOperation,
+    OperationFailure,
+    PyMongoError,
+)
 
 from essential.orchestration.errors import AbortPending, IllegalTransition, LeaseLost, LockBusy, SagaNotFound
 from essential.orchestration.lifecycle import check_transition, resumed_state
@@ -98,6 +106,25 @@ async def resilient(
 
 class _LockRace(Exception):
     """Another transaction inserted the lock between our read and our insert: read again."""
+
+
+class _Stale(Exception):
+    """A one-command checkpoint's fence missed: someone else wrote the saga since this process
+    last did.  The transaction is rolled back and made again the reading way."""
+
+
+def _bulk_error(exc: ClientBulkWriteException, fence_held: bool) -> Exception:
+    """What a failed ``bulkWrite`` means to the store: the server's own error (a write conflict keeps
+    its TransientTransactionError label, so the transaction is retried), a duplicate key — which
+    counts only when the saga's fence held; otherwise the saga moved on and its checkpoint is redone."""
+    if exc.error is not None:
+        return exc.error
+    first = (exc.write_errors or [{}])[0]
+    if first.get("code") == 11000:
+        if not fence_held:
+            return _Stale()
+        return DuplicateKeyError(first.get("errmsg", "duplicate key"), 11000, first)
+    return exc
 
 
 def lock_label(bucket: str, key: str) -> str:
@@ -170,6 +197,10 @@ class MongoSagaStore:
         self._sessions: dict[str, AsyncClientSession] = {}
         # What this process last wrote to each saga it holds the lease of (see _known_update)
         self._known: dict[str, _Known] = {}
+        # a checkpoint's writes to sagas, outbox and stages go as one bulkWrite command (MongoDB 8+);
+        # False once the server turns out older: one command per collection
+        self._one_command = True
+        self._ns = {name: f"{self.db.name}.{name}" for name in ("sagas", "outbox", "stages", KEYS)}
 
     async def ensure_indexes(self) -> None:
         await resilient(lambda: ensure_indexes(self.db), "create indexes")
@@ -184,10 +215,14 @@ class MongoSagaStore:
             session = self._sessions.get(saga_id)
             if session is not None and not session.in_transaction:
                 return await session.with_transaction(body)
-            async with self.client.start_session() as fresh:
+            async with self.client.start_session(causal_consistency=False) as fresh:
                 return await fresh.with_transaction(body)
 
-        return await resilient(once, f"{what} {saga_id}")
+        try:
+            return await resilient(once, f"{what} {saga_id}")
+        except _Stale:
+            self._known.pop(saga_id, None)  # the fence missed: read what the saga is now, then decide
+            return await resilient(once, f"{what} {saga_id}")
 
     async def fenced_update(
         self,
@@ -213,6 +248,12 @@ class MongoSagaStore:
         update: dict[str, Any] = {"$set": plain(fields)}
         if events:
             update["$inc"] = {"events": len(events)}
+        finished = [c[0] for c in carried if c[0] is not None]
+        doc = await self._checkpoint_in_one_command(
+            session, saga_id, epoch, fields, update, events, finished, started, unless_abort
+        )
+        if doc is not None:
+            return doc
         # update_one (+ a read only when needed), never find_one_and_update: on the dev server
         # findAndModify scans the whole collection, so its cost grows with every saga ever stored.
         doc = await self._known_update(session, saga_id, epoch, fields, update, len(events), unless_abort)
@@ -239,9 +280,62 @@ class MongoSagaStore:
             await self.outbox.insert_many(
                 [event_to_doc(ev, first + i) for i, ev in enumerate(events)], session=session
             )
-        finished = [c[0] for c in carried if c[0] is not None]
         await self.write_stages(session, saga_id, finished, started)
         return doc
+
+    def _refused(self, exc: OperationFailure) -> Exception:
+        """A server that has bulkWrite but refuses a field of it (code 40415, IDLUnknownField):
+        from now on one command per collection, and this transaction is made again that way."""
+        if exc.code == 40415:
+            log.warning("the server refused a bulkWrite (%s); writing one command per collection", exc)
+            self._one_command = False
+            return _Stale()
+        return exc
+
+    async def _checkpoint_in_one_command(
+        self,
+        session: AsyncClientSession,
+        saga_id: str,
+        epoch: int,
+        fields: dict[str, Any],
+        update: dict[str, Any],
+        events: list[Event],
+        finished: Sequence[Stage],
+        started: Sequence[dict[str, Any]],
+        unless_abort: bool,
+    ) -> dict[str, Any] | None:
+        """The whole checkpoint — the fenced saga update, its outbox events, its stages — as one
+        ``bulkWrite`` command, when this process knows the saga (so the event numbers are known
+        before the write).  None: not possible here (the caller writes collection by collection);
+        _Stale: the fence missed, so the transaction must be rolled back and made again."""
+        known = self._known.get(saga_id)
+        if not self._one_command or known is None or known.epoch != epoch:
+            return None
+        if unless_abort and known.abort_requested is not None:
+            return None
+        saga = oid(saga_id)
+        fence = {"_id": saga, "lease.epoch": epoch, "events": known.events, "abort_requested": known.abort_requested}
+        ops: list[Any] = [UpdateOne(fence, update, namespace=self._ns["sagas"])]
+        ops += [InsertOne(event_to_doc(ev, known.events + 1 + i), namespace=self._ns["outbox"]) for i, ev in enumerate(events)]
+        ops += [ReplaceOne({"saga": saga, "seq": stage.seq}, stage_to_doc(stage), upsert=True, namespace=self._ns["stages"])
+                for stage in finished]  # fmt: skip
+        ops += [ReplaceOne({"_id": ObjectId(), "saga": saga, "seq": doc["seq"]}, doc, upsert=True, namespace=self._ns["stages"])
+                for doc in started]  # fmt: skip (a fresh _id: the upsert can only insert, see write_stages)
+        try:
+            result = await self.client.bulk_write(ops, session=session, ordered=True, verbose_results=True)
+        except InvalidOperation:  # a server before MongoDB 8 has no bulkWrite command
+            self._one_command = False
+            return None
+        except ClientBulkWriteException as exc:  # (an OperationFailure too: caught first)
+            partial = exc.partial_result
+            held = partial is not None and bool(getattr(partial.update_results.get(0), "matched_count", 0))
+            raise _bulk_error(exc, held) from exc
+        except OperationFailure as exc:
+            raise self._refused(exc) from exc
+        if not result.update_results[0].matched_count:
+            raise _Stale(saga_id)
+        known.wrote(fields, len(events))  # a transaction that aborts later only costs a read next time
+        return known.as_doc()
 
     async def write_stages(
         self, session: AsyncClientSession, saga_id: str, finished: Sequence[Stage], started: Sequence[dict[str, Any]]
@@ -297,16 +391,32 @@ class MongoSagaStore:
         key = doc.get("idempotency_key")
 
         async def body(session: AsyncClientSession) -> None:
-            await self.sagas.insert_one(dict(doc), session=session)
+            rows = [("sagas", dict(doc))]
             if isinstance(key, str):  # a taken key fails the whole start (DuplicateKeyError)
-                await self.keys.insert_one({"_id": key, "saga": doc["_id"]}, session=session)
-            await self.outbox.insert_one(event_to_doc(event, 1), session=session)
+                rows.append((KEYS, {"_id": key, "saga": doc["_id"]}))
+            rows.append(("outbox", event_to_doc(event, 1)))
+            if self._one_command:
+                try:
+                    ops = [InsertOne(row, namespace=self._ns[name]) for name, row in rows]
+                    await self.client.bulk_write(ops, session=session, ordered=True)
+                    return
+                except InvalidOperation:  # a server before MongoDB 8: one insert per collection
+                    self._one_command = False
+                except ClientBulkWriteException as exc:  # (an OperationFailure too: caught first)
+                    raise _bulk_error(exc, True) from exc
+                except OperationFailure as exc:
+                    raise self._refused(exc) from exc
+            for name, row in rows:
+                await self.db[name].insert_one(row, session=session)
 
         async def once() -> None:
-            async with self.client.start_session() as session:
+            async with self.client.start_session(causal_consistency=False) as session:
                 await session.with_transaction(body)
 
-        await resilient(once, what, budget=30.0, duplicate_is_success=False)
+        try:
+            await resilient(once, what, budget=30.0, duplicate_is_success=False)
+        except _Stale:  # the server refused the one-command form: one insert per collection
+            await resilient(once, what, budget=30.0, duplicate_is_success=False)
 
     async def create(self, saga: Saga, event: Event) -> tuple[Saga, bool]:
         doc = saga_to_doc(saga)
@@ -376,7 +486,9 @@ class MongoSagaStore:
         old = self._sessions.pop(saga_id, None)
         if old is not None:
             await old.end_session()
-        session = self.client.start_session()
+        # not causally consistent: every read and write goes to the primary, and a transaction's
+        # first command then carries no read concern (the dev server's bulkWrite takes none)
+        session = self.client.start_session(causal_consistency=False)
         try:
             saga = await resilient(lambda: self._raise_epoch(saga_id, owner, _session_hex(session)), "lease")
         except SagaNotFound:

@@ -109,6 +109,25 @@ async def test_each_transaction_sends_one_write_command_and_its_commit(
     assert await event_types(store, saga_id) == ["saga.started"] + ["saga.stage.completed"] * STEPS + ["saga.completed"]
 
 
+async def test_a_server_without_bulk_write_gets_one_command_per_collection(
+    counted: tuple[MongoSagaStore, Commits], registry: JobRegistry
+) -> None:
+    """Before MongoDB 8 there is no bulkWrite: the same checkpoints, collection by collection."""
+    store, commits = counted
+    store._one_command = False  # what the store concludes when the server refuses the command
+    commits.names.clear()
+    saga_id = await start(store, registry, {"fail_at": "d"})
+    done = await SagaRunner(saga_id, store=store, registry=registry, owner="t").run()
+    assert done.state == SagaState.ABORTED
+    assert "bulkWrite" not in commits.names and {"insert", "update"} <= set(commits.names)
+    stages = await store.stages(saga_id)
+    assert [(s.step, s.action == Action.COMPENSATE) for s in stages] == [
+        ("a", False), ("b", False), ("c", False), ("d", False), ("c", True), ("b", True), ("a", True)
+    ]
+    types = await event_types(store, saga_id)
+    assert types[0] == "saga.started" and types.count("saga.stage.completed") == 7 and types[-1] == "saga.aborted"
+
+
 async def test_compensation_is_folded_too_and_records_every_stage(
     counted: tuple[MongoSagaStore, Commits], registry: JobRegistry
 ) -> None:

@@ -574,26 +574,21 @@ async def test_a_malformed_saga_document_is_quarantined_and_never_stops_the_swee
     assert napper in listed
 
 
-class FirstInsertLost:
-    """A collection whose first ``insert_one`` fails with a lost connection before reaching the server,
-    after running ``meanwhile`` (what another client does while this one reconnects)."""
+def first_write_lost(write: Any, meanwhile: Any) -> Any:
+    """``write`` (the store's write command) whose first call fails with a lost connection before
+    reaching the server, after running ``meanwhile`` (what another client does while this one reconnects)."""
+    armed = [True]
 
-    def __init__(self, collection: Any, meanwhile: Any) -> None:
-        self._collection = collection
-        self._meanwhile = meanwhile
-        self._armed = True
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._collection, name)
-
-    async def insert_one(self, *args: Any, **kwargs: Any) -> Any:
-        if self._armed:
-            self._armed = False
-            await self._meanwhile()
+    async def lossy(*args: Any, **kwargs: Any) -> Any:
+        if armed[0]:
+            armed[0] = False
+            await meanwhile()
             from pymongo.errors import AutoReconnect
 
             raise AutoReconnect("connection lost (injected)")
-        return await self._collection.insert_one(*args, **kwargs)
+        return await write(*args, **kwargs)
+
+    return lossy
 
 
 async def test_a_retried_start_never_answers_with_a_saga_it_did_not_store(
@@ -609,7 +604,8 @@ async def test_a_retried_start_never_answers_with_a_saga_it_did_not_store(
     async def b_starts() -> None:
         await b_store.create(theirs, their_event)
 
-    a_store.sagas = FirstInsertLost(a_store.sagas, b_starts)  # type: ignore[assignment]
+    # a start is one bulkWrite (the saga, its key and its started event) and its commit
+    a_store.client.bulk_write = first_write_lost(a_store.client.bulk_write, b_starts)  # type: ignore[method-assign]
     answered, created = await a_store.create(mine, my_event)
     assert answered.id == theirs.id and not created, "the stored saga for this key is B's"
     assert (await b_store.get(answered.id)).idempotency_key == key

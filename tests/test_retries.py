@@ -203,11 +203,18 @@ class SagaWrites(monitoring.CommandListener):
         self.states: list[str] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.command_name == "update" and event.command.get("update") == "sagas":
-            for update in event.command.get("updates", []):
-                state = (update.get("u") or {}).get("$set", {}).get("state")
-                if state is not None:
-                    self.states.append(state)
+        command = event.command
+        if event.command_name == "update" and command.get("update") == "sagas":
+            self._note(update.get("u") for update in command.get("updates", []))
+        elif event.command_name == "bulkWrite":  # a checkpoint's writes in one command (MongoDB 8)
+            sagas = {i for i, ns in enumerate(command.get("nsInfo", [])) if ns.get("ns", "").endswith(".sagas")}
+            self._note(op.get("updateMods") for op in command.get("ops", []) if op.get("update") in sagas)
+
+    def _note(self, updates: Any) -> None:
+        for update in updates:
+            state = (update or {}).get("$set", {}).get("state")
+            if state is not None:
+                self.states.append(state)
 
     def succeeded(self, event: Any) -> None: ...
 
