@@ -319,8 +319,7 @@ class MongoSagaStore:
         ops += [InsertOne(event_to_doc(ev, known.events + 1 + i), namespace=self._ns["outbox"]) for i, ev in enumerate(events)]
         ops += [ReplaceOne({"saga": saga, "seq": stage.seq}, stage_to_doc(stage), upsert=True, namespace=self._ns["stages"])
                 for stage in finished]  # fmt: skip
-        ops += [ReplaceOne({"_id": ObjectId(), "saga": saga, "seq": doc["seq"]}, doc, upsert=True, namespace=self._ns["stages"])
-                for doc in started]  # fmt: skip (a fresh _id: the upsert can only insert, see write_stages)
+        ops += [InsertOne(dict(doc), namespace=self._ns["stages"]) for doc in started]  # a seq stored already: 11000
         try:
             result = await self.client.bulk_write(ops, session=session, ordered=True, verbose_results=True)
         except InvalidOperation:  # a server before MongoDB 8 has no bulkWrite command
