@@ -11,7 +11,8 @@ Where the business process calls for more than a chain:
 
 * ``logistic:shipment`` books cargo space, a vehicle and a driver **in parallel**;
 * ``bank:transfer`` **locks** both wallets (bucket ``financial.wallets``) for the
-  whole saga, so two transfers touching a wallet never interleave;
+  whole saga, so two transfers touching a wallet never interleave, and moves the money in
+  **transactional steps** (the wallet's writes commit with the step's checkpoint: exactly once);
 * ``payment:subscription`` with ``retries`` > 0 notifies the user of a declined
   charge and charges again ``retry_in_hours`` later (a **durable timer**, ``RetryLater``);
 * ``user:onboarding`` with ``verify_identity`` **waits for the signal**
@@ -163,38 +164,44 @@ def _both_wallets(ctx: StepContext[TransferPayload]) -> list[str]:
 
 # Both wallets are locked from the debit until the transfer ends (taken together, so two
 # transfers in opposite directions cannot deadlock); another transfer on either waits.
-@bank_transfer.step(bucket="financial.wallets", action="update", lock=Lock(keys=_both_wallets), **FAST)
+# The money moves in transactional steps: the wallet service's writes commit in the transaction
+# that records the step (ctx.session), so each is applied exactly once, and a failed attempt
+# leaves nothing behind.
+@bank_transfer.step(bucket="financial.wallets", action="update", lock=Lock(keys=_both_wallets), transactional=True,
+                    **FAST)  # fmt: skip
 async def debit(ctx: StepContext[TransferPayload]) -> Result:
     p = ctx.payload
-    return await wallet.debit(ctx.idempotency_key, p.source, p.amount, memo=f"transfer {p.transfer_id} to {p.target}")
+    return await wallet.debit(ctx.idempotency_key, p.source, p.amount, memo=f"transfer {p.transfer_id} to {p.target}",
+                              session=ctx.session)  # fmt: skip
 
 
 @debit.compensation
 async def undo_debit(ctx: StepContext[TransferPayload], _res: Any) -> Result:
-    return await wallet.reverse(ctx.idempotency_key)
+    return await wallet.reverse(ctx.idempotency_key, session=ctx.session)
 
 
-@bank_transfer.step(bucket="financial.wallets", action="update", **FAST)
+@bank_transfer.step(bucket="financial.wallets", action="update", transactional=True, **FAST)
 async def credit(ctx: StepContext[TransferPayload]) -> Result:
     p = ctx.payload
     memo = f"transfer {p.transfer_id} from {p.source}"
-    return await wallet.credit(ctx.idempotency_key, p.target, p.amount, memo=memo)
+    return await wallet.credit(ctx.idempotency_key, p.target, p.amount, memo=memo, session=ctx.session)
 
 
 @credit.compensation
 async def undo_credit(ctx: StepContext[TransferPayload], _res: Any) -> Result:
-    return await wallet.reverse(ctx.idempotency_key)
+    return await wallet.reverse(ctx.idempotency_key, session=ctx.session)
 
 
-@bank_transfer.step(bucket="financial.transfers", action="create", **FAST)
+@bank_transfer.step(bucket="financial.transfers", action="create", transactional=True, **FAST)
 async def record_transaction(ctx: StepContext[TransferPayload]) -> Result:
     p = ctx.payload
-    return await wallet.record_transfer(ctx.idempotency_key, p.transfer_id, p.source, p.target, p.amount)
+    return await wallet.record_transfer(ctx.idempotency_key, p.transfer_id, p.source, p.target, p.amount,
+                                        session=ctx.session)  # fmt: skip
 
 
 @record_transaction.compensation
 async def reverse_transaction(ctx: StepContext[TransferPayload], _res: Any) -> Result:
-    return await wallet.void_transfer(ctx.idempotency_key)
+    return await wallet.void_transfer(ctx.idempotency_key, session=ctx.session)
 
 
 @bank_transfer.step(bucket="notify.messages", action="create", name="notify", **FAST)

@@ -162,6 +162,21 @@ async def test_bank_transfer_completes(world: dict[str, int], saga_store: Any, r
     assert sorted((j["wallet"], j["amount"]) for j in journal) == [("alice", -7_000), ("bob", 7_000)]
 
 
+async def test_a_transfer_crashed_after_its_debit_moves_the_money_once(
+    world: dict[str, int], saga_store: Any, registry: JobRegistry
+) -> None:
+    """The debit is a transactional step: the attempt that 'crashed' after its effect was rolled
+    back with its transaction, so the retry applies it (not replays it) and the journal has one entry."""
+    payload = {"transfer_id": "t-9", "source": "alice", "target": "bob", "amount": 4_000, "crash_after": "debit"}
+    saga, stages = await run(saga_store, registry, "bank:transfer", payload)
+    assert saga.state == SagaState.COMPLETED, saga.error
+    debit = forward(stages)["debit"]
+    assert debit.meta.retry_count == 1 and "replayed" not in debit.res, debit.res
+    assert (await wallet.balance("alice"), await wallet.balance("bob")) == (96_000, 54_000)
+    journal = await db.collection("financial.transactions").find({}, {"wallet": 1, "amount": 1, "_id": 0}).to_list()
+    assert sorted((j["wallet"], j["amount"]) for j in journal) == [("alice", -4_000), ("bob", 4_000)]
+
+
 async def test_subscription_paid_extends_access(world: dict[str, int], saga_store: Any, registry: JobRegistry) -> None:
     payload = {"user_id": "alice", "wallet": "alice", "plan": "pro", "amount": 900, "days": 30}
     saga, stages = await run(saga_store, registry, "payment:subscription", payload)

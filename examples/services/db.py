@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -22,6 +23,10 @@ PREFIX_ENV = "ESSENTIAL_EXAMPLES_DB_PREFIX"
 SERVICE_DATABASES = ("inventory", "financial", "billing", "notify", "logistic", "users", "sales")
 
 T = TypeVar("T")
+
+#: the checkpoint transaction a service call joined (a transactional step's ``ctx.session``):
+#: while it runs, every collection comes from that session's client (a session works only with its own)
+_joined: ContextVar[AsyncClientSession | None] = ContextVar("joined_transaction", default=None)
 
 
 def prefix() -> str:
@@ -42,13 +47,22 @@ def collection(bucket: str) -> AsyncCollection:
     service, _, name = bucket.partition(".")
     if not service or not name:
         raise ValueError(f"bucket {bucket!r} must look like 'service.collection'")
-    return client()[database_name(service)][name]
+    joined = _joined.get()
+    return (joined.client if joined is not None else client())[database_name(service)][name]
 
 
-async def transaction(body: Callable[[AsyncClientSession], Awaitable[T]]) -> T:
-    """Run ``body`` in one transaction; ``with_transaction`` retries transient write conflicts."""
-    async with client().start_session() as session:
-        return await session.with_transaction(body)
+async def transaction(body: Callable[[AsyncClientSession], Awaitable[T]], session: AsyncClientSession | None = None) -> T:
+    """Run ``body`` in one transaction: its own (``with_transaction`` retries transient write
+    conflicts), or ``session``'s — a transactional step's checkpoint, which then commits the
+    service's writes together with the step's record."""
+    if session is not None:
+        token = _joined.set(session)
+        try:
+            return await body(session)
+        finally:
+            _joined.reset(token)
+    async with client().start_session() as own:
+        return await own.with_transaction(body)
 
 
 def now() -> datetime:

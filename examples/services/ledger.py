@@ -49,7 +49,9 @@ def _replayed(doc: dict[str, Any]) -> dict[str, Any]:
     return {**plain(doc), "replayed": True}
 
 
-async def apply_once(ledger: str, key: str, op: str, effect: Effect) -> dict[str, Any]:
+async def apply_once(
+    ledger: str, key: str, op: str, effect: Effect, session: AsyncClientSession | None = None
+) -> dict[str, Any]:
     """Run ``effect`` and record its result under ``key`` in one transaction, unless already recorded.
 
     ``effect`` gets the session, does its writes with it and returns the result
@@ -60,14 +62,19 @@ async def apply_once(ledger: str, key: str, op: str, effect: Effect) -> dict[str
     which keeps its write-conflict window short.  A key already recorded makes
     the insert fail (or the effect's guard, if the state moved on meanwhile);
     either way the transaction rolls back and the recorded result is returned.
-    """
-    ops = collection(ledger)
 
-    async def body(session: AsyncClientSession) -> dict[str, Any]:
-        result = await effect(session)
-        await ops.insert_one({"_id": key, "op": op, "at": now(), **result}, session=session)
+    ``session``: a transactional step's checkpoint transaction (``ctx.session``): the effect and
+    its ledger entry commit with the step's record, so there is never a replay to find.
+    """
+
+    async def body(s: AsyncClientSession) -> dict[str, Any]:
+        result = await effect(s)
+        await collection(ledger).insert_one({"_id": key, "op": op, "at": now(), **result}, session=s)
         return {"op": op, **result}
 
+    if session is not None:
+        return await transaction(body, session)
+    ops = collection(ledger)
     try:
         return await transaction(body)
     except (DuplicateKeyError, StepFailed):
@@ -77,29 +84,34 @@ async def apply_once(ledger: str, key: str, op: str, effect: Effect) -> dict[str
         return _replayed(done)
 
 
-async def undo_once(ledger: str, key: str, op: str, reverse: Reverse) -> dict[str, Any]:
+async def undo_once(
+    ledger: str, key: str, op: str, reverse: Reverse, session: AsyncClientSession | None = None
+) -> dict[str, Any]:
     """Undo the operation recorded under ``key`` once; a no-op (plus tombstone) when it never happened.
 
     ``reverse`` gets the session and the forward ledger document and returns the
     undo's result; it may return ``{"undone": False, ...}`` when the forward had
-    nothing to undo (e.g. a declined charge).
+    nothing to undo (e.g. a declined charge).  ``session``: as for :func:`apply_once`.
     """
-    ops = collection(ledger)
     ukey = undo_key(key)
 
-    async def body(session: AsyncClientSession) -> dict[str, Any]:
-        docs = {d["_id"]: d async for d in ops.find({"_id": {"$in": [key, ukey]}}, session=session)}
+    async def body(s: AsyncClientSession) -> dict[str, Any]:
+        ops = collection(ledger)
+        docs = {d["_id"]: d async for d in ops.find({"_id": {"$in": [key, ukey]}}, session=s)}
         if ukey in docs:
             return {**plain(docs[ukey]), "replayed": True}
         forward = docs.get(key)
         if forward is None:
-            await ops.insert_one({"_id": key, "op": TOMBSTONE, "at": now()}, session=session)
+            await ops.insert_one({"_id": key, "op": TOMBSTONE, "at": now()}, session=s)
             result: dict[str, Any] = {"undone": False, "reason": "nothing to undo: the operation never happened"}
         else:
-            result = {"undone": True, **await reverse(session, plain(forward))}
-        await ops.insert_one({"_id": ukey, "op": op, "undoes": key, "at": now(), **result}, session=session)
+            result = {"undone": True, **await reverse(s, plain(forward))}
+        await ops.insert_one({"_id": ukey, "op": op, "undoes": key, "at": now(), **result}, session=s)
         return {"op": op, "undoes": key, **result}
 
+    if session is not None:
+        return await transaction(body, session)
+    ops = collection(ledger)
     try:
         return await transaction(body)
     except DuplicateKeyError:

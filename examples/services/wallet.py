@@ -47,7 +47,8 @@ async def _require(session: AsyncClientSession, wallet: str) -> None:
 
 
 async def debit(
-    key: str, wallet: str, amount: int, memo: str = "", *, decline_as_result: bool = False
+    key: str, wallet: str, amount: int, memo: str = "", *, decline_as_result: bool = False,
+    session: AsyncClientSession | None = None,
 ) -> dict[str, Any]:
     """Take ``amount`` cents.  Insufficient funds is a business failure: raised as
     :class:`StepFailed`, or returned as ``{"ok": False}`` with ``decline_as_result``
@@ -63,11 +64,13 @@ async def debit(
         return {"ok": False, "wallet": wallet, "amount": 0, "requested": amount,
                 "reason": "insufficient_funds", "memo": memo}  # fmt: skip
 
-    return await apply_once(JOURNAL, key, "debit", effect)
+    return await apply_once(JOURNAL, key, "debit", effect, session)
 
 
-async def credit(key: str, wallet: str, amount: int, memo: str = "") -> dict[str, Any]:
-    """Add ``amount`` cents to an existing wallet."""
+async def credit(
+    key: str, wallet: str, amount: int, memo: str = "", *, session: AsyncClientSession | None = None
+) -> dict[str, Any]:
+    """Add ``amount`` cents to an existing wallet (``session``: in a transactional step's checkpoint)."""
 
     async def effect(session: AsyncClientSession) -> dict[str, Any]:
         balance = await _move(session, wallet, amount)
@@ -75,10 +78,10 @@ async def credit(key: str, wallet: str, amount: int, memo: str = "") -> dict[str
             raise StepFailed(f"unknown wallet {wallet!r}")
         return {"ok": True, "wallet": wallet, "amount": amount, "balance": balance, "memo": memo}
 
-    return await apply_once(JOURNAL, key, "credit", effect)
+    return await apply_once(JOURNAL, key, "credit", effect, session)
 
 
-async def reverse(key: str) -> dict[str, Any]:
+async def reverse(key: str, *, session: AsyncClientSession | None = None) -> dict[str, Any]:
     """Compensation of :func:`debit` or :func:`credit`: move the recorded amount back."""
 
     async def undo(session: AsyncClientSession, forward: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +93,7 @@ async def reverse(key: str) -> dict[str, Any]:
             raise FundsConflict(f"wallet {forward['wallet']!r} no longer holds the {moved} cents to take back")
         return {"wallet": forward["wallet"], "amount": -moved, "balance": balance}
 
-    return await undo_once(JOURNAL, key, "reverse", undo)
+    return await undo_once(JOURNAL, key, "reverse", undo, session)
 
 
 async def open_wallet(key: str, wallet: str, owner: str, opening: int = 0) -> dict[str, Any]:
@@ -121,7 +124,9 @@ async def close_wallet(key: str) -> dict[str, Any]:
     return await undo_once(JOURNAL, key, "close", undo)
 
 
-async def record_transfer(key: str, transfer_id: str, source: str, target: str, amount: int) -> dict[str, Any]:
+async def record_transfer(
+    key: str, transfer_id: str, source: str, target: str, amount: int, *, session: AsyncClientSession | None = None
+) -> dict[str, Any]:
     """The transfer's own record (statement line); a reused transfer id is a business failure."""
 
     async def effect(session: AsyncClientSession) -> dict[str, Any]:
@@ -133,10 +138,10 @@ async def record_transfer(key: str, transfer_id: str, source: str, target: str, 
             raise StepFailed(f"transfer {transfer_id!r} was already recorded") from None
         return {"transfer": transfer_id, "status": "completed"}
 
-    return await apply_once(LEDGER, key, "record_transfer", effect)
+    return await apply_once(LEDGER, key, "record_transfer", effect, session)
 
 
-async def void_transfer(key: str) -> dict[str, Any]:
+async def void_transfer(key: str, *, session: AsyncClientSession | None = None) -> dict[str, Any]:
     """Compensation of :func:`record_transfer`: the record stays, marked reversed."""
 
     async def undo(session: AsyncClientSession, forward: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +150,7 @@ async def void_transfer(key: str) -> dict[str, Any]:
         )
         return {"transfer": forward["transfer"], "status": "reversed"}
 
-    return await undo_once(LEDGER, key, "void_transfer", undo)
+    return await undo_once(LEDGER, key, "void_transfer", undo, session)
 
 
 async def seed(wallets: Mapping[str, int]) -> None:

@@ -48,8 +48,8 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
                 return await _fn(c, _res)
 
         seq = {"seq": max(saga.seq, stage.seq)}
-        if transactional:
-            undo = _in_transactions(run, stage, undo, seq)
+        if transactional:  # each attempt's writes commit with the compensation's record
+            undo = run.in_transactions(stage, undo, seq)
         outcome = await run.attempt(undo, ctx, step.compensation_retry, step.timeout, bounded_by_ttl=False)
         if outcome.ok and transactional:
             continue  # recorded by the undo's own transaction
@@ -68,19 +68,3 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
         [cp.event(EventType.ABORTED, SagaState.ABORTED, reason=saga.error or run.control.abort_reason)],
     )
 
-
-def _in_transactions(run: Run, stage: Stage, undo: Any, fields: dict[str, Any]) -> Any:
-    """A transactional step's undo: each attempt's writes (``ctx.session``) and the compensation
-    stage recorded succeeded commit in one transaction, or neither does."""
-
-    async def attempt(c: StepContext[Any]) -> Any:
-        async def work(session: Any) -> Any:
-            c.session = session
-            try:
-                return await undo(c)
-            finally:
-                c.session = None
-
-        return await run.cp.commit_step(stage, work, fields, c.attempt)
-
-    return attempt

@@ -63,6 +63,22 @@ class Run:
             fn, ctx, policy, timeout, saga=self.cp.current, control=self.control, bounded_by_ttl=bounded_by_ttl
         )
 
+    def in_transactions(self, stage: Stage, fn: Any, fields: dict[str, Any]) -> Any:
+        """A transactional step's (or undo's) attempt: ``fn(ctx)`` runs with ``ctx.session`` set to
+        the transaction that also records ``stage`` succeeded (with ``fields`` of the saga)."""
+
+        async def attempt(ctx: StepContext[Any]) -> Any:
+            async def work(session: Any) -> Any:
+                ctx.session = session
+                try:
+                    return await fn(ctx)
+                finally:
+                    ctx.session = None
+
+            return await self.cp.commit_step(stage, work, fields, ctx.attempt)
+
+        return attempt
+
     def linger_of(self, step: Step) -> float:
         if self.linger is not None:
             return self.linger

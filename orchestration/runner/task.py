@@ -62,20 +62,9 @@ async def _attempt_in_transactions(run: Run, step: Step, stage: Stage, index: in
     """Each attempt is one transaction: the step's writes (``ctx.session``) and its stage recorded
     succeeded with the saga's cursor past it.  A failed, timed-out or interrupted attempt rolled
     everything back, so a failure leaves nothing to compensate and a re-run applies it once."""
-    cp = run.cp
-    fields = {"seq": max(cp.current.seq, stage.seq), "cursor": index + 1}
-
-    async def attempt(c: StepContext[Any]) -> Any:
-        async def work(session: Any) -> Any:
-            c.session = session
-            try:
-                return await step.run(c)
-            finally:
-                c.session = None
-
-        return await cp.commit_step(stage, work, fields, c.attempt)
-
-    outcome = await run.attempt(attempt, ctx, step.retry, step.timeout, bounded_by_ttl=True)
+    fields = {"seq": max(run.cp.current.seq, stage.seq), "cursor": index + 1}
+    outcome = await run.attempt(run.in_transactions(stage, step.run, fields), ctx, step.retry, step.timeout,
+                                bounded_by_ttl=True)  # fmt: skip
     outcome.timed_out = False  # a timed-out attempt's transaction was aborted: its outcome is known
     return outcome
 
