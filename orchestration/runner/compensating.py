@@ -67,4 +67,3 @@ async def compensate(run: Run, job: Job[Any], stages: list[Stage]) -> None:
         {"state": SagaState.ABORTED, "aborted_at": run.clock.now()},
         [cp.event(EventType.ABORTED, SagaState.ABORTED, reason=saga.error or run.control.abort_reason)],
     )
-

@@ -33,9 +33,9 @@ async def run_task(run: Run, step: Step, index: int, payload: Any, results: dict
             ctx = run.ctx(step, cp.resume_seq(None), payload, results, deferred=deferred)
         if stage is None or stage.status != StageStatus.STARTED:
             stage = cp.new_stage(step, ctx.seq, Action(step.action), req=saga.payload)
-            if step.transactional and step.lock is None:
-                pass  # nothing to write ahead: its writes and its record commit together, or not at all
-            else:
+            # a transactional step has nothing to write ahead (its writes and its record commit
+            # together, or not at all) unless it takes locks, which a write-ahead takes
+            if not step.transactional or step.lock is not None:
                 refused = await _write_ahead_locked(run, step, stage, index, ctx)
                 if refused is not None:
                     return refused
