@@ -33,6 +33,7 @@ from bson.binary import UUID_SUBTYPE, Binary
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, InsertOne, ReplaceOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.errors import (
+    BulkWriteError,
     ClientBulkWriteException,
     ConnectionFailure,
     DuplicateKeyError,
@@ -240,7 +241,8 @@ class MongoSagaStore:
 
         ``carried``: checkpoints the runner folded into this one — their saga fields and
         events go first, their finished stages are written in the same transaction.
-        ``started``: stage documents written ahead in it (inserted: a seq is never recorded twice)."""
+        ``started``: stage documents written ahead in it (inserted: a seq is never recorded twice);
+        they and the carried stages go to the server as one command."""
         for _, carried_fields, carried_events in reversed(carried):
             fields, events = {**carried_fields, **fields}, carried_events + events
         update: dict[str, Any] = {"$set": plain(fields)}
@@ -337,15 +339,25 @@ class MongoSagaStore:
     async def write_stages(
         self, session: AsyncClientSession, saga_id: str, finished: Sequence[Stage], started: Sequence[dict[str, Any]]
     ) -> None:
-        """Collection by collection (a server without bulkWrite, or after a missed fence): record
-        finished stages, replacing their started documents, and insert started ones (a seq already
-        stored raises DuplicateKeyError: it is never recorded twice)."""
-        for stage in finished:
-            await self.stages_col.replace_one(
-                {"saga": oid(saga_id), "seq": stage.seq}, stage_to_doc(stage), upsert=True, session=session
-            )
-        for doc in started:
-            await self.stages_col.insert_one(dict(doc), session=session)
+        """Record finished stages (replacing their started documents) and insert started ones.
+
+        One ``update`` command for all of them (an insert among updates would be a second): a
+        started stage is an upsert whose filter names a fresh ``_id``, so it can only insert, and
+        one whose seq is already stored breaks the unique (saga, seq) index, as an insert would."""
+        saga = oid(saga_id)
+        writes: list[ReplaceOne] = [
+            ReplaceOne({"saga": saga, "seq": stage.seq}, stage_to_doc(stage), upsert=True) for stage in finished
+        ]
+        writes += [ReplaceOne({"_id": ObjectId(), "saga": saga, "seq": doc["seq"]}, doc, upsert=True) for doc in started]
+        if not writes:
+            return
+        try:
+            await self.stages_col.bulk_write(writes, ordered=True, session=session)
+        except BulkWriteError as exc:
+            first = (exc.details.get("writeErrors") or [{}])[0]
+            if first.get("code") == 11000:
+                raise DuplicateKeyError(first.get("errmsg", "a stage seq is stored already"), 11000, first) from exc
+            raise
 
     async def _known_update(
         self,
